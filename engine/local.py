@@ -1,0 +1,125 @@
+"""Run vLLM as a local process from its own Python environment.
+
+The engine listens on a loopback address only and requires its own API key
+(passed in the environment, not on the command line), so nothing on the machine
+but the gateway can call it. It runs in its own process group so that stopping
+it ends vLLM's worker processes too, and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import ip_address
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from engine.spec import EngineSpec
+
+
+class EngineStartError(Exception):
+    """The engine exited or did not become healthy; the message has its log tail."""
+
+
+@dataclass(frozen=True)
+class LocalEngineConfig:
+    name: str
+    python: str
+    model_dir: Path
+    url: str
+    api_key: str
+    spec: EngineSpec
+    log_file: Path
+
+
+def loopback_host_port(url: str) -> tuple[str, int]:
+    """Host and port of a local engine URL, refusing anything off the loopback."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if parts.scheme != "http" or not loopback or parts.port is None:
+        raise ValueError(f"a local engine must listen on http://<loopback address>:<port>, not {url!r}")
+    return host, parts.port
+
+
+class LocalEngine:
+    def __init__(self, config: LocalEngineConfig):
+        self.config = config
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        c = self.config
+        if not Path(c.python).exists():
+            raise EngineStartError(f"engine Python {c.python} not found (set engine_python in the config)")
+        host, port = loopback_host_port(c.url)
+        argv = [
+            c.python, "-m", "vllm.entrypoints.openai.api_server",
+            *c.spec.vllm_args(model_dir=str(c.model_dir), served_name=c.name, host=host, port=port),
+        ]  # fmt: skip
+        env = {**os.environ, **c.spec.environment(), "VLLM_API_KEY": c.api_key}
+        c.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(c.log_file, "ab") as log:
+            self._proc = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+
+    def healthy(self) -> bool:
+        request = urllib.request.Request(self.config.url.rstrip("/") + "/health")
+        try:
+            with urllib.request.urlopen(request, timeout=2) as r:  # noqa: S310 (loopback URL checked above)
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_healthy(self, timeout: float, on_tick: Callable[[float, str], None] | None = None) -> None:
+        """Block until /health answers 200; raise EngineStartError if it exits or times out."""
+        start = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - start
+            if self._proc is not None and self._proc.poll() is not None:
+                raise EngineStartError(
+                    f"engine {self.config.name} exited with code {self._proc.returncode}:\n{self.log_tail()}"
+                )
+            if self.healthy():
+                return
+            if elapsed > timeout:
+                raise EngineStartError(f"engine {self.config.name} not healthy after {timeout:.0f}s:\n{self.log_tail()}")
+            if on_tick is not None:
+                on_tick(elapsed, self.last_log_line())
+            time.sleep(1.0)
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM the engine's process group, SIGKILL it after `grace` seconds."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.config.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def last_log_line(self) -> str:
+        tail = self.log_tail(1)
+        return tail[-120:]

@@ -1,0 +1,1 @@
+"""Bastion's gateway: authentication, OpenAI-compatible routes, audit, the CLI."""

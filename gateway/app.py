@@ -1,0 +1,126 @@
+"""The Litestar application: routes, lifespan, and errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Litestar, Request, Response, get, post, route
+from litestar.exceptions import HTTPException
+from litestar.types import Method
+from sqlalchemy import insert, update
+
+from gateway import calls
+from gateway.errors import ErrorBody, ErrorEnvelope
+from gateway.services import Services
+from gateway.settings import Settings
+from gateway.tables import gateway_heartbeat
+
+log = structlog.get_logger("bastion.app")
+ALL_METHODS: list[Method] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def _svc(request: Request[Any, Any, Any]) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+@post("/v1/chat/completions")
+async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
+    return await calls.inference(request, _svc(request), "chat", "/v1/chat/completions")
+
+
+@post("/v1/completions")
+async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
+    return await calls.inference(request, _svc(request), "completions", "/v1/completions")
+
+
+@get("/v1/models")
+async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return await calls.list_models(request, _svc(request))
+
+
+@route("/{path:path}", http_method=ALL_METHODS)
+async def unknown_route(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return await calls.not_found(request, _svc(request))
+
+
+@get("/healthz")
+async def healthz() -> Response[bytes]:
+    """Alive: the process answers. Says nothing about the engine or the store."""
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@get("/readyz")
+async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Ready: every engine is healthy and the audit store takes a write."""
+    svc = _svc(request)
+    names = list(svc.upstreams)
+    healthy = await asyncio.gather(*(svc.forwarder.health(svc.upstreams[n]) for n in names))
+    engines = {n: ("healthy" if ok else "unhealthy") for n, ok in zip(names, healthy, strict=True)}
+    audit_ok = await _audit_store_writable(svc)
+    checks = {"engines": engines, "audit_store": "writable" if audit_ok else "unwritable"}
+    if audit_ok and all(healthy):
+        return Response(msgspec.json.encode({"status": "ready", "checks": checks}), media_type="application/json")
+    problems = [f"engine {n} unhealthy" for n, ok in engines.items() if ok != "healthy"]
+    if not audit_ok:
+        problems.append("audit store unwritable")
+    body = {
+        "error": {"message": "Not ready: " + "; ".join(problems), "type": "api_error", "param": None, "code": "not_ready"},
+        "checks": checks,
+    }
+    return Response(msgspec.json.encode(body), status_code=503, media_type="application/json")
+
+
+async def _audit_store_writable(svc: Services) -> bool:
+    now = datetime.now(UTC)
+    try:
+        async with asyncio.timeout(5):
+            async with svc.db.begin() as conn:
+                result = await conn.execute(
+                    update(gateway_heartbeat).where(gateway_heartbeat.c.instance_id == svc.instance_id).values(beat_at=now)
+                )
+                if result.rowcount == 0:
+                    await conn.execute(insert(gateway_heartbeat).values(instance_id=svc.instance_id, beat_at=now))
+    except Exception as exc:
+        log.warning("readyz.audit_store_unwritable", error=type(exc).__name__)
+        return False
+    return True
+
+
+def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    # Litestar's own refusals (e.g. 405 on a known path) in OpenAI's shape.
+    err = ErrorEnvelope(ErrorBody(str(exc.detail), "invalid_request_error", None, "http_error"))
+    return Response(msgspec.json.encode(err), status_code=exc.status_code, media_type="application/json")
+
+
+def _internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.error("unhandled_error", error=type(exc).__name__)
+    err = ErrorEnvelope(ErrorBody("Internal gateway error.", "api_error", None, "internal_error"))
+    return Response(msgspec.json.encode(err), status_code=500, media_type="application/json")
+
+
+def create_app(settings: Settings) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        app.state.services = await Services.start(settings)
+        log.info("gateway.started", deployments=sorted(app.state.services.upstreams))
+        try:
+            yield
+        finally:
+            await app.state.services.close()
+            log.info("gateway.stopped")
+
+    return Litestar(
+        route_handlers=[chat_completions, completions, models, healthz, readyz, unknown_route],
+        lifespan=[lifespan],
+        exception_handlers={HTTPException: _http_exception, Exception: _internal_error},
+        # The gateway reads bodies itself, with its own limit and an audited 413.
+        request_max_body_size=None,
+        openapi_config=None,
+        debug=False,
+    )

@@ -1,0 +1,291 @@
+"""The path of one call, from the caller's bytes to the audited answer.
+
+    authenticate → read body (size-limited) → summarise → route
+    → intent record durable → forward → relay → final record durable
+
+Every way out of this path, allowed or refused, writes a final audit record.
+When that record cannot be written, the caller gets 503 and nothing more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Request, Response
+from litestar.response import Stream
+
+from gateway.audit import AuditRecord, write_quietly
+from gateway.errors import (
+    AuditUnavailable,
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+    Unauthenticated,
+)
+from gateway.forward import Usage, error_of, sse_events, usage_of
+from gateway.keys import Principal
+from gateway.services import Services
+from gateway.summary import Kind, body_for_engine, summarize
+
+log = structlog.get_logger("bastion.call")
+
+INFERENCE_ROLES = frozenset({"user", "admin"})
+JSON = "application/json"
+
+
+@dataclass(slots=True)
+class Call:
+    """What the gateway knows about one call so far; becomes its audit records."""
+
+    request_id: str
+    method: str
+    route: str
+    client_addr: str | None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    t0: float = field(default_factory=time.perf_counter)
+    principal: Principal | None = None
+    claimed_key_id: str | None = None
+    model: str | None = None
+    stream: bool = False
+    request_sha256: str | None = None
+
+    @classmethod
+    def begin(cls, request: Request[Any, Any, Any]) -> Call:
+        call = cls(
+            request_id=uuid.uuid4().hex,
+            method=request.method,
+            route=request.url.path,
+            client_addr=request.client.host if request.client else None,
+        )
+        structlog.contextvars.bind_contextvars(request_id=call.request_id)
+        return call
+
+    def record(self, phase: str, **fields: Any) -> AuditRecord:
+        p = self.principal
+        return AuditRecord(
+            request_id=self.request_id,
+            phase=phase,
+            started_at=self.started_at,
+            method=self.method,
+            route=self.route,
+            auth_method=p.auth_method if p else None,
+            key_id=p.key_id if p else self.claimed_key_id,
+            key_name=p.name if p else None,
+            team=p.team if p else None,
+            role=p.role if p else None,
+            client_addr=self.client_addr,
+            model=self.model,
+            stream=self.stream,
+            request_sha256=self.request_sha256,
+            **fields,
+        )
+
+    def final(self, *, outcome: str, http_status: int, **fields: Any) -> AuditRecord:
+        latency_ms = (time.perf_counter() - self.t0) * 1000
+        log.info(
+            "call",
+            route=self.route,
+            status=http_status,
+            outcome=outcome,
+            key_id=self.principal.key_id if self.principal else self.claimed_key_id,
+            model=self.model,
+            latency_ms=round(latency_ms, 3),
+            error_type=fields.get("error_type"),
+        )
+        return self.record(
+            "final",
+            ended_at=datetime.now(UTC),
+            outcome=outcome,
+            http_status=http_status,
+            latency_ms=latency_ms,
+            **fields,
+        )
+
+
+def _headers(call: Call, extra: dict[str, str] | None = None) -> dict[str, str]:
+    headers = {"x-request-id": call.request_id}
+    if extra:
+        headers.update(extra)
+    return headers
+
+
+def error_response(call: Call, err: GatewayError) -> Response[bytes]:
+    return Response(err.body(), status_code=err.status, media_type=JSON, headers=_headers(call, err.headers()))
+
+
+async def refuse(svc: Services, call: Call, err: GatewayError) -> Response[bytes]:
+    """Audit a call that ends in an error, then answer with that error.
+
+    If even that record cannot be written, the answer is 503 audit_unavailable.
+    """
+    if isinstance(err, Unauthenticated):
+        call.claimed_key_id = err.claimed_key_id
+    outcome = "refused" if err.status < 500 else "error"
+    record = call.final(outcome=outcome, http_status=err.status, error_type=err.audit_reason, error_message=err.message)
+    try:
+        await svc.audit.write(record)
+    except AuditUnavailable as audit_err:
+        return error_response(call, audit_err)
+    return error_response(call, err)
+
+
+async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Call, roles: frozenset[str]) -> Principal:
+    principal = await svc.keys.authenticate(request.headers.get("authorization"))
+    call.principal = principal
+    if principal.role not in roles:
+        raise Forbidden(f"The role '{principal.role}' may not use {call.route}.", audit_reason="role_not_allowed")
+    return principal
+
+
+async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("Invalid Content-Length header.", audit_reason="bad_content_length")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, path: str) -> Response[Any]:
+    call = Call.begin(request)
+    try:
+        await authenticate(svc, request, call, INFERENCE_ROLES)
+        body = await read_body(request, svc.settings.gateway.max_body_bytes)
+        call.request_sha256 = hashlib.sha256(body).hexdigest()
+        summary = summarize(kind, body)
+        call.model, call.stream = summary.model, summary.stream
+        upstream = svc.upstreams.get(summary.model)
+        if upstream is None:
+            raise ModelNotFound(f"The model '{summary.model}' does not exist or you do not have access to it.", param="model")
+        # Strict audit: nothing reaches the engine before this record is durable.
+        await svc.audit.write(call.record("intent"))
+        payload = body_for_engine(body, summary)
+        if summary.stream:
+            upstream_response = await svc.forwarder.open_stream(upstream, path, payload)
+            if upstream_response.status_code == 200:
+                return Stream(
+                    _relay(svc, call, upstream_response, strip_usage=not summary.client_wants_usage),
+                    media_type="text/event-stream",
+                    headers=_headers(call, {"cache-control": "no-cache"}),
+                )
+            answer = await upstream_response.aread()
+            await upstream_response.aclose()
+            return await _finish(svc, call, upstream_response.status_code, answer)
+        upstream_response = await svc.forwarder.post(upstream, path, payload)
+        return await _finish(svc, call, upstream_response.status_code, upstream_response.content)
+    except GatewayError as err:
+        return await refuse(svc, call, err)
+    except Exception:
+        log.exception("call.internal_error")
+        return await refuse(svc, call, GatewayError("Internal gateway error.", audit_reason="internal_error"))
+
+
+async def _finish(svc: Services, call: Call, status: int, answer: bytes) -> Response[bytes]:
+    """Audit a complete (non-streamed) engine answer, then hand it over."""
+    fields: dict[str, Any] = {"response_sha256": hashlib.sha256(answer).hexdigest()}
+    if status == 200:
+        usage = usage_of(answer)
+        if usage is not None:
+            fields.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+        outcome = "ok"
+    else:
+        error_type, message = error_of(answer)
+        fields.update(error_type=f"engine:{error_type}", error_message=message)
+        outcome = "refused" if status < 500 else "error"
+    try:
+        await svc.audit.write(call.final(outcome=outcome, http_status=status, **fields))
+    except AuditUnavailable as err:
+        # The answer exists but cannot be accounted for: it is not served.
+        return error_response(call, err)
+    return Response(answer, status_code=status, media_type=JSON, headers=_headers(call))
+
+
+class _StreamChunk(msgspec.Struct, frozen=True):
+    choices: list[msgspec.Raw] = []
+    usage: Usage | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_StreamChunk)
+
+
+async def _relay(svc: Services, call: Call, upstream_response: Any, *, strip_usage: bool) -> AsyncIterator[bytes]:
+    """Relay the engine's events one by one; audit the outcome when the stream ends."""
+    digest = hashlib.sha256()
+    usage: Usage | None = None
+    outcome, error_type, error_message = "client_closed", None, None
+    try:
+        async for event in sse_events(upstream_response):
+            if b'"usage":{' in event and event.startswith(b"data: "):
+                chunk = _chunk_decoder.decode(event[6:])
+                usage = chunk.usage or usage
+                if strip_usage and not chunk.choices:
+                    continue  # the usage chunk the gateway asked for, not the client
+            digest.update(event)
+            yield event
+        outcome = "ok"
+    except GatewayError as err:
+        outcome, error_type, error_message = "error", err.audit_reason, err.message
+        event = b"data: " + err.body() + b"\n\n"
+        digest.update(event)
+        yield event
+    finally:
+        record = call.final(
+            outcome=outcome,
+            http_status=200,
+            error_type=error_type,
+            error_message=error_message,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            response_sha256=digest.hexdigest(),
+        )
+        # A task, not an await: when the client went away this generator is being
+        # cancelled, and the engine connection must still close and the record land.
+        svc.spawn(_close_and_audit(svc, upstream_response, record))
+
+
+async def _close_and_audit(svc: Services, upstream_response: Any, record: AuditRecord) -> None:
+    await upstream_response.aclose()
+    await write_quietly(svc.audit, record)
+
+
+async def list_models(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
+    call = Call.begin(request)
+    try:
+        await authenticate(svc, request, call, INFERENCE_ROLES)
+    except GatewayError as err:
+        return await refuse(svc, call, err)
+    created = int(svc.started_at.timestamp())
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "bastion"} for name in svc.upstreams]
+    body = msgspec.json.encode({"object": "list", "data": data})
+    try:
+        await svc.audit.write(
+            call.final(outcome="ok", http_status=200, response_sha256=hashlib.sha256(body).hexdigest())
+        )
+    except AuditUnavailable as err:
+        return error_response(call, err)
+    return Response(body, media_type=JSON, headers=_headers(call))
+
+
+async def not_found(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
+    call = Call.begin(request)
+    err = NotFound(f"Unknown route: {request.method} {request.url.path}", code="unknown_url", audit_reason="unknown_route")
+    return await refuse(svc, call, err)

@@ -1,0 +1,111 @@
+"""Errors as types. Each one knows its HTTP status and its OpenAI error body.
+
+`audit_reason` is what the audit trail records; it can be more precise than the
+client-facing message (a revoked key and an unknown key look the same to the
+caller, but not to the auditor).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(msgspec.Struct, frozen=True):
+    error: ErrorBody
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, audit_reason: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.audit_reason = audit_reason or self.code or self.type
+
+    def body(self) -> bytes:
+        return msgspec.json.encode(ErrorEnvelope(ErrorBody(self.message, self.type, self.param, self.code)))
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthenticated(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str, *, claimed_key_id: str | None = None, **kwargs: str | None):
+        super().__init__(message, **kwargs)
+        # The visible id of the key presented (never its secret), for the audit trail.
+        self.claimed_key_id = claimed_key_id
+
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": 'Bearer realm="bastion"'}
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class EngineError(GatewayError):
+    """The engine answered, but not with anything usable (502)."""
+
+    status = 502
+    type = "api_error"
+    code = "engine_error"
+
+
+class EngineUnavailable(GatewayError):
+    status = 503
+    type = "api_error"
+    code = "engine_unavailable"
+
+
+class AuditUnavailable(GatewayError):
+    """The audit store cannot take the record: refuse rather than serve unaudited."""
+
+    status = 503
+    type = "api_error"
+    code = "audit_unavailable"
+
+
+class EngineTimeout(GatewayError):
+    status = 504
+    type = "api_error"
+    code = "engine_timeout"

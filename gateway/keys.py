@@ -1,0 +1,182 @@
+"""API keys: format, keyed hashing, and the key store in SQL.
+
+A key reads `bst_<key_id>_<secret>`. The key id is visible (it appears in
+`keys list`, logs and audit rows) and picks the row; the secret is shown once at
+creation and stored only as HMAC-SHA256 under a per-installation pepper, so a
+stolen database alone cannot be used to check guesses offline. Comparison is
+constant-time. Every request reads the row, so a revocation takes effect on the
+very next request, also when it was made by another process (the CLI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.errors import Unauthenticated
+from gateway.tables import api_keys
+
+Role = Literal["user", "auditor", "admin"]
+ROLES: tuple[Role, ...] = ("user", "auditor", "admin")
+KEY_PREFIX = "bst"
+_KEY_RE = re.compile(r"^bst_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as every later stage (policy, audit) sees it."""
+
+    auth_method: str
+    key_id: str
+    name: str
+    role: Role
+    team: str
+
+
+class KeyInfo(msgspec.Struct, frozen=True):
+    key_id: str
+    name: str
+    role: str
+    team: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    info: KeyInfo
+    secret: str  # the whole key; shown once, never stored
+
+
+def load_or_create_pepper(path: Path) -> bytes:
+    """The HMAC pepper: 32 random bytes in a 0600 file in the state folder."""
+    if path.exists():
+        data = path.read_bytes()
+        if len(data) < 32:
+            raise ValueError(f"{path} is too short to be a key pepper")
+        return data
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = secrets.token_bytes(32)
+    write_secret_file(path, data)
+    return data
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Create a file readable only by its owner, refusing to overwrite."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "wb") as f:
+        f.write(data)
+
+
+def hash_secret(pepper: bytes, secret: str) -> str:
+    return hmac.new(pepper, secret.encode(), hashlib.sha256).hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands timestamps back without a zone; they were written in UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class KeyStore:
+    def __init__(self, engine: AsyncEngine, pepper: bytes):
+        self._engine = engine
+        self._pepper = pepper
+
+    async def create(self, *, name: str, role: Role, team: str = "", expires_at: datetime | None = None) -> NewKey:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        key_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12))
+        secret = secrets.token_urlsafe(32)
+        info = KeyInfo(key_id, name, role, team, _now(), expires_at, None)
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                insert(api_keys).values(
+                    key_id=key_id,
+                    name=name,
+                    role=role,
+                    team=team,
+                    secret_hash=hash_secret(self._pepper, secret),
+                    created_at=info.created_at,
+                    expires_at=expires_at,
+                )
+            )
+        return NewKey(info=info, secret=f"{KEY_PREFIX}_{key_id}_{secret}")
+
+    async def list(self) -> list[KeyInfo]:
+        cols = [api_keys.c[n] for n in KeyInfo.__struct_fields__]
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(select(*cols).order_by(api_keys.c.created_at))).all()
+        return [
+            KeyInfo(r.key_id, r.name, r.role, r.team, _aware(r.created_at), _aware(r.expires_at), _aware(r.revoked_at))  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    async def revoke(self, key_id: str) -> bool:
+        """Revoke a key; False when no such (unrevoked) key exists."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=_now())
+            )
+        return result.rowcount == 1
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """Turn an Authorization header into a Principal, or raise Unauthenticated.
+
+        The caller sees one message for unknown, revoked and expired keys alike
+        apart from expiry; the audit trail gets the precise reason.
+        """
+        if not authorization:
+            raise Unauthenticated("Missing API key: send 'Authorization: Bearer <key>'.", audit_reason="missing_key")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("Malformed Authorization header: expected 'Bearer <key>'.", audit_reason="malformed_header")
+        match = _KEY_RE.match(token.strip())
+        if match is None:
+            raise Unauthenticated("Malformed API key.", audit_reason="malformed_key")
+        key_id, secret = match.groups()
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        api_keys.c.name,
+                        api_keys.c.role,
+                        api_keys.c.team,
+                        api_keys.c.secret_hash,
+                        api_keys.c.expires_at,
+                        api_keys.c.revoked_at,
+                    ).where(api_keys.c.key_id == key_id)
+                )
+            ).first()
+        # Hash even when the row is missing, so timing does not tell which ids exist.
+        presented = hash_secret(self._pepper, secret)
+        stored = row.secret_hash if row is not None else "0" * 64
+        if not hmac.compare_digest(presented, stored) or row is None:
+            raise Unauthenticated("Invalid API key.", audit_reason="unknown_key", claimed_key_id=key_id)
+        if row.revoked_at is not None:
+            raise Unauthenticated("Invalid API key.", audit_reason="revoked_key", claimed_key_id=key_id)
+        expires_at = _aware(row.expires_at)
+        if expires_at is not None and expires_at <= _now():
+            raise Unauthenticated(
+                "API key has expired.", code="expired_api_key", audit_reason="expired_key", claimed_key_id=key_id
+            )
+        return Principal(auth_method="api_key", key_id=key_id, name=row.name, role=row.role, team=row.team)

@@ -1,0 +1,76 @@
+"""Everything a request handler needs, built once per gateway process."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.audit import AuditWriter
+from gateway.db import create_engine
+from gateway.forward import Forwarder, Upstream
+from gateway.keys import KeyStore, load_or_create_pepper
+from gateway.settings import ConfigError, Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: AsyncEngine
+    keys: KeyStore
+    audit: AuditWriter
+    forwarder: Forwarder
+    # Routable models by the name clients use.
+    upstreams: dict[str, Upstream]
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Services:
+        upstreams = {d.name: Upstream(d.engine_url, read_engine_key(settings, d.name)) for d in settings.deployments}
+        db = create_engine(settings.database_url(), sqlite_busy_timeout_ms=settings.database.sqlite_busy_timeout_ms)
+        audit = AuditWriter(db, queue_max=settings.audit.queue_max, batch_max=settings.audit.batch_max)
+        await audit.start()
+        g = settings.gateway
+        return cls(
+            settings=settings,
+            db=db,
+            keys=KeyStore(db, load_or_create_pepper(settings.key_pepper_file)),
+            audit=audit,
+            forwarder=Forwarder(
+                connect_timeout=g.engine_connect_timeout, read_timeout=g.engine_read_timeout, pool_size=g.engine_pool_size
+            ),
+            upstreams=upstreams,
+        )
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run work that must finish even if the request that started it is cancelled."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.audit.close()
+        await self.forwarder.close()
+        await self.db.dispose()
+
+
+def read_engine_key(settings: Settings, name: str) -> str:
+    deployment = settings.deployment(name)
+    assert deployment is not None
+    path = settings.engine_key_path(deployment)
+    try:
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"deployment {name!r}: cannot read engine key file {path}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(f"deployment {name!r}: engine key file {path} is empty")
+    return key

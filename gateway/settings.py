@@ -1,0 +1,163 @@
+"""Bastion's configuration: one TOML file, validated into typed structs.
+
+Why TOML + msgspec: `tomllib` is in the standard library (no YAML parser to
+trust), and `msgspec.convert` validates the parsed table into frozen structs
+with errors that name the exact field (`$.gateway.port`), which is what an
+operator needs from a bad config. Relative paths are resolved against the
+folder holding the config file, so a config folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from engine.spec import EngineSpec
+
+DEFAULT_CONFIG_NAME = "bastion.toml"
+CONFIG_ENV = "BASTION_CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid (CLI exit code 2)."""
+
+
+class GatewaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # TLS is served when both are set; the key file must not be world-readable.
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_body_bytes: int = 10 * 1024 * 1024
+    # Seconds to wait for the engine: to connect, and between bytes of its answer.
+    engine_connect_timeout: float = 5.0
+    engine_read_timeout: float = 300.0
+    engine_pool_size: int = 256
+
+
+class DatabaseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # SQLAlchemy async URL: sqlite+aiosqlite:///PATH or postgresql+asyncpg://...
+    url: str = "sqlite+aiosqlite:///state/bastion.db"
+    # How long a writer waits on a locked SQLite file before the write fails.
+    sqlite_busy_timeout_ms: int = 5000
+
+
+class AuditSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Records waiting for the writer. When full, calls are refused with 503
+    # instead of buffering without bound.
+    queue_max: int = 10_000
+    # Most records written in one transaction (group commit).
+    batch_max: int = 512
+
+
+class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Deployment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One model as clients name it, and the engine that serves it."""
+
+    name: str
+    # Where the gateway reaches the engine. `bastion up` starts a local engine
+    # listening exactly here (it must be a loopback address for the local runner).
+    engine_url: str
+    # The model folder the engine serves (needed by `up`; informational for `serve`).
+    model_dir: str = ""
+    # File holding the engine's API key; only the gateway and the engine know it.
+    engine_key_file: str = ""
+    engine: EngineSpec = msgspec.field(default_factory=EngineSpec)
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    state_dir: str = "state"
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
+    database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
+    audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
+    logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    # The engine's own Python (vLLM lives there, never in the gateway's environment).
+    engine_python: str = ""
+    deployments: list[Deployment] = msgspec.field(default_factory=list)
+    # Folder of the config file; every relative path above is relative to it.
+    base_dir: str = "."
+
+    def path(self, value: str) -> Path:
+        """Resolve a path from the config against the config file's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @property
+    def state_path(self) -> Path:
+        return self.path(self.state_dir)
+
+    @property
+    def key_pepper_file(self) -> Path:
+        return self.state_path / "secrets" / "api-key-pepper"
+
+    def database_url(self) -> str:
+        """The database URL with a relative SQLite path resolved against base_dir."""
+        url = self.database.url
+        for prefix in ("sqlite+aiosqlite:///", "sqlite:///"):
+            if url.startswith(prefix):
+                rest = url[len(prefix) :]
+                if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
+                    return prefix + str(self.path(rest).resolve())
+        return url
+
+    def engine_key_path(self, deployment: Deployment) -> Path:
+        if deployment.engine_key_file:
+            return self.path(deployment.engine_key_file)
+        return self.state_path / "secrets" / f"engine-{deployment.name}.key"
+
+    def deployment(self, name: str) -> Deployment | None:
+        for d in self.deployments:
+            if d.name == name:
+                return d
+        return None
+
+
+def resolve_config_path(explicit: str | None) -> Path:
+    """`--config`, then `$BASTION_CONFIG`, then `./bastion.toml`."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return Path(DEFAULT_CONFIG_NAME)
+
+
+def load_settings(path: Path) -> Settings:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found (run `bastion init` or pass --config)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        table = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    table["base_dir"] = str(path.resolve().parent)
+    try:
+        settings = msgspec.convert(table, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    _check(settings, path)
+    return settings
+
+
+def _check(settings: Settings, path: Path) -> None:
+    names = [d.name for d in settings.deployments]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ConfigError(f"{path}: deployment names repeat: {', '.join(sorted(duplicates))}")
+    if bool(settings.gateway.tls_cert) != bool(settings.gateway.tls_key):
+        raise ConfigError(f"{path}: gateway.tls_cert and gateway.tls_key must be set together")
+    if settings.audit.queue_max < 1 or settings.audit.batch_max < 1:
+        raise ConfigError(f"{path}: audit.queue_max and audit.batch_max must be at least 1")
+    for d in settings.deployments:
+        if not d.engine_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{path}: deployment {d.name!r}: engine_url must be http:// or https://")
