@@ -97,6 +97,14 @@ class EngineUnavailable(GatewayError):
     code = "engine_unavailable"
 
 
+class KeyStoreUnavailable(GatewayError):
+    """Keys cannot be looked up: nobody is let in."""
+
+    status = 503
+    type = "api_error"
+    code = "auth_unavailable"
+
+
 class AuditUnavailable(GatewayError):
     """The audit store cannot take the record: refuse rather than serve unaudited."""
 

@@ -22,9 +22,10 @@ from typing import Literal
 
 import msgspec
 from sqlalchemy import insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.errors import Unauthenticated
+from gateway.errors import KeyStoreUnavailable, Unauthenticated
 from gateway.tables import api_keys
 
 Role = Literal["user", "auditor", "admin"]
@@ -154,19 +155,21 @@ class KeyStore:
         if match is None:
             raise Unauthenticated("Malformed API key.", audit_reason="malformed_key")
         key_id, secret = match.groups()
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(
-                        api_keys.c.name,
-                        api_keys.c.role,
-                        api_keys.c.team,
-                        api_keys.c.secret_hash,
-                        api_keys.c.expires_at,
-                        api_keys.c.revoked_at,
-                    ).where(api_keys.c.key_id == key_id)
-                )
-            ).first()
+        query = select(
+            api_keys.c.name,
+            api_keys.c.role,
+            api_keys.c.team,
+            api_keys.c.secret_hash,
+            api_keys.c.expires_at,
+            api_keys.c.revoked_at,
+        ).where(api_keys.c.key_id == key_id)
+        try:
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(query)).first()
+        except (SQLAlchemyError, OSError) as exc:
+            raise KeyStoreUnavailable(
+                "The key store is unavailable; the call was refused.", audit_reason=f"key_store_{type(exc).__name__}"
+            ) from exc
         # Hash even when the row is missing, so timing does not tell which ids exist.
         presented = hash_secret(self._pepper, secret)
         stored = row.secret_hash if row is not None else "0" * 64

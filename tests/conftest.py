@@ -1,0 +1,132 @@
+"""Session-wide real parts: one vLLM CPU engine serving a tiny model built on
+the spot, and a fresh PostgreSQL database on 127.0.0.1:5432."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from engine.local import LocalEngine, LocalEngineConfig
+from engine.spec import EngineSpec
+from gateway import migrate
+from gateway.db import create_engine
+from tests.support import EngineRef, Gateway, free_port, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("BASTION_TEST_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def engine_python() -> str:
+    python = os.environ.get("BASTION_ENGINE_PYTHON") or str(ROOT / ".venv-engine" / "bin" / "python")
+    if not Path(python).exists():
+        pytest.fail(f"engine Python {python} not found: run `make setup` (or set BASTION_ENGINE_PYTHON)")
+    return python
+
+
+@pytest.fixture(scope="session")
+def tiny_model(engine_python: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    subprocess.run([engine_python, str(ROOT / "engine" / "build_tiny.py"), str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(engine_python: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineRef]:
+    """The one real vLLM engine of the test session, started by Bastion's own local runner."""
+    ref = EngineRef(name="tiny", url=f"http://127.0.0.1:{free_port()}", key=secrets.token_urlsafe(24), model_dir=str(tiny_model))
+    engine = LocalEngine(
+        LocalEngineConfig(
+            name=ref.name,
+            python=engine_python,
+            model_dir=tiny_model,
+            url=ref.url,
+            api_key=ref.key,
+            spec=EngineSpec(max_model_len=512, dtype="bfloat16"),
+            log_file=tmp_path_factory.mktemp("engine-logs") / "engine.log",
+        )
+    )
+    engine.start()
+    try:
+        engine.wait_healthy(timeout=600)
+        yield ref
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session, dropped afterwards."""
+    name = f"bastion_test_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> None:
+        engine = create_engine(PG_ADMIN_URL).execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text(sql))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+GatewayFactory = Callable[..., Gateway]
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
+    """Start gateways for one test: `make_gateway(engines=[...], database_url=..., gateway={...})`."""
+    started: list[Gateway] = []
+    count = 0
+
+    def factory(
+        *,
+        engines: list[EngineRef],
+        database_url: str | None = None,
+        gateway: dict[str, object] | None = None,
+        database: dict[str, object] | None = None,
+        start: bool = True,
+    ) -> Gateway:
+        nonlocal count
+        count += 1
+        directory = tmp_path / f"gw{count}"
+        db_url = database_url or f"sqlite+aiosqlite:///{directory / 'state' / 'bastion.db'}"
+        port = free_port()
+        config = write_config(directory, port=port, database_url=db_url, engines=engines, gateway=gateway, database=database)
+        migrate.upgrade(db_url)
+        gw = Gateway(config=config, port=port, database_url=db_url)
+        started.append(gw)
+        return gw.start() if start else gw
+
+    yield factory
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def fresh_pg_url(pg_url: str) -> Iterator[str]:
+    """The session's PostgreSQL database with its tables emptied for this test."""
+    migrate.upgrade(pg_url)
+
+    async def truncate() -> None:
+        engine = create_engine(pg_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text("TRUNCATE audit_records, api_keys, gateway_heartbeat RESTART IDENTITY"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(truncate())
+    yield pg_url

@@ -1,0 +1,284 @@
+"""Test helpers: a gateway as a real `bastion serve` process, and fault doubles
+that are real sockets (an engine that never answers, one that breaks off, a
+TCP proxy that can be cut to make PostgreSQL refuse connections)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+from sqlalchemy import select
+
+from gateway.db import create_engine
+from gateway.tables import audit_records
+
+BASTION = str(Path(sys.executable).with_name("bastion"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bastion(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([BASTION, *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"bastion {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@dataclass
+class EngineRef:
+    """Where a deployment's engine is, and its key."""
+
+    name: str
+    url: str
+    key: str
+    model_dir: str = ""
+
+
+def toml_value(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else ("true" if value else "false")
+
+
+def write_config(
+    directory: Path,
+    *,
+    port: int,
+    database_url: str,
+    engines: list[EngineRef],
+    gateway: dict[str, Any] | None = None,
+    database: dict[str, Any] | None = None,
+    engine_python: str = "",
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    secrets_dir = directory / "state" / "secrets"
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"engine_python = {toml_value(engine_python)}", "", "[gateway]", f"port = {port}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (gateway or {}).items()]
+    lines += ["", "[database]", f"url = {toml_value(database_url)}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (database or {}).items()]
+    for e in engines:
+        key_file = secrets_dir / f"engine-{e.name}.key"
+        key_file.write_text(e.key)
+        lines += ["", "[[deployments]]", f"name = {toml_value(e.name)}", f"engine_url = {toml_value(e.url)}"]
+        if e.model_dir:
+            lines += [f"model_dir = {toml_value(e.model_dir)}", "[deployments.engine]", "max_model_len = 512"]
+    path = directory / "bastion.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Gateway:
+    """A gateway process started with `bastion serve`, and ways to look at it."""
+
+    config: Path
+    port: int
+    database_url: str
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.config.parent / "gateway.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> Gateway:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [BASTION, "serve", "--config", str(self.config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"gateway not up after {timeout}s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def create_key(self, *extra: str, name: str = "test", role: str = "user", team: str = "team-a") -> str:
+        out = bastion("keys", "create", "--config", str(self.config), "--name", name, "--role", role, "--team", team, "--json", *extra)
+        return str(json.loads(out.stdout)["key"])
+
+    def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
+
+    def post(self, path: str, *, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
+        return httpx.post(self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def records(self, request_id: str | None = None) -> list[dict[str, Any]]:
+        return fetch_records(self.database_url, request_id)
+
+    def final(self, request_id: str) -> dict[str, Any]:
+        """The final record of a call (waiting briefly for a stream's to land)."""
+        deadline = time.monotonic() + 10
+        while True:
+            finals = [r for r in self.records(request_id) if r["phase"] == "final"]
+            if finals or time.monotonic() > deadline:
+                assert len(finals) == 1, f"expected one final record for {request_id}, got {finals}"
+                return finals[0]
+            time.sleep(0.05)
+
+
+def fetch_records(database_url: str, request_id: str | None = None) -> list[dict[str, Any]]:
+    async def go() -> list[dict[str, Any]]:
+        engine = create_engine(database_url)
+        try:
+            query = select(audit_records).order_by(audit_records.c.id)
+            if request_id is not None:
+                query = query.where(audit_records.c.request_id == request_id)
+            async with engine.connect() as conn:
+                return [dict(r._mapping) for r in (await conn.execute(query)).all()]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+class SocketDouble:
+    """A real TCP listener standing in for a faulty engine.
+
+    mode "hang": accept, read, never answer (an engine too slow to answer).
+    mode "break": answer 200 with one SSE event, then drop the connection.
+    It records request lines, so a test can prove no call reached the engine.
+    """
+
+    def __init__(self, mode: str = "hang"):
+        self.mode = mode
+        self.request_lines: list[bytes] = []
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        self._sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        try:
+            head = conn.recv(65536)
+            self.request_lines.append(head.split(b"\r\n", 1)[0])
+            if self.mode == "break":
+                event = b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                    + f"{len(event):x}\r\n".encode() + event + b"\r\n"
+                )
+                time.sleep(0.2)
+                conn.close()
+        except OSError:
+            pass
+
+    @property
+    def calls(self) -> int:
+        """Model calls received (health probes from /readyz do not count)."""
+        return sum(1 for line in self.request_lines if line.startswith(b"POST /v1/"))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        for c in self._conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+class TcpProxy:
+    """Forwards a loopback port to another; `cut()` closes it so connections are refused."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._open: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would
+        # leave the kernel accepting connections that nobody serves.
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._server.close()
+        for s in self._open:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass

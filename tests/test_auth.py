@@ -1,0 +1,98 @@
+"""API keys: every bad key is refused with 401 and audited, and the engine never
+sees the call (the engine here is a listener that counts connections)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.support import EngineRef, Gateway, SocketDouble, bastion
+
+CHAT = {"model": "tripwire", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture
+def tripwire() -> SocketDouble:
+    double = SocketDouble("hang")
+    yield double
+    double.close()
+
+
+@pytest.fixture
+def gw(make_gateway: GatewayFactory, tripwire: SocketDouble) -> Gateway:
+    return make_gateway(engines=[EngineRef("tripwire", tripwire.url, "engine-key")])
+
+
+def _refused(gw: Gateway, headers: dict[str, str], reason: str, code: str = "invalid_api_key") -> dict[str, object]:
+    r = gw.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["code"] == code
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    records = gw.records(r.headers["x-request-id"])
+    assert [x["phase"] for x in records] == ["final"], "a refused call has no intent record"
+    assert records[0]["error_type"] == reason and records[0]["outcome"] == "refused"
+    return records[0]
+
+
+def test_missing_key(gw: Gateway, tripwire: SocketDouble) -> None:
+    _refused(gw, {}, "missing_key")
+    assert tripwire.calls == 0
+
+
+def test_malformed_header_and_key(gw: Gateway, tripwire: SocketDouble) -> None:
+    _refused(gw, {"authorization": "Basic dXNlcjpwYXNz"}, "malformed_header")
+    _refused(gw, {"authorization": "Bearer"}, "malformed_header")
+    _refused(gw, {"authorization": "Bearer sk-not-ours"}, "malformed_key")
+    assert tripwire.calls == 0
+
+
+def test_unknown_key_and_wrong_secret(gw: Gateway, tripwire: SocketDouble) -> None:
+    real = gw.create_key()
+    key_id = real.split("_")[1]
+    record = _refused(gw, {"authorization": "Bearer bst_abcdefabcdef_" + "A" * 43}, "unknown_key")
+    assert record["key_id"] == "abcdefabcdef"
+    # The right key id with another secret is the same refusal.
+    forged = f"bst_{key_id}_" + "B" * 43
+    record = _refused(gw, {"authorization": f"Bearer {forged}"}, "unknown_key")
+    assert record["key_id"] == key_id
+    assert tripwire.calls == 0
+
+
+def test_revoked_key_is_refused_on_the_next_request(gw: Gateway, tripwire: SocketDouble) -> None:
+    key = gw.create_key()
+    key_id = key.split("_")[1]
+    assert httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    bastion("keys", "revoke", "--config", str(gw.config), key_id)
+    r = httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 401
+    _refused(gw, {"authorization": f"Bearer {key}"}, "revoked_key")
+    assert tripwire.calls == 0
+
+
+def test_expired_key(gw: Gateway, tripwire: SocketDouble) -> None:
+    key = gw.create_key("--expires-at", "2020-01-01T00:00:00Z")
+    record = _refused(gw, {"authorization": f"Bearer {key}"}, "expired_key", code="expired_api_key")
+    assert record["key_id"] == key.split("_")[1]
+    assert tripwire.calls == 0
+
+
+def test_auditor_role_may_not_call_models(gw: Gateway, tripwire: SocketDouble) -> None:
+    key = gw.create_key(role="auditor")
+    r = gw.post("/v1/chat/completions", json=CHAT, key=key)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    final = gw.final(r.headers["x-request-id"])
+    assert final["role"] == "auditor" and final["error_type"] == "role_not_allowed"
+    assert tripwire.calls == 0
+
+
+def test_keys_are_stored_only_as_keyed_hashes(gw: Gateway) -> None:
+    import sqlite3
+
+    key = gw.create_key()
+    secret = key.split("_", 2)[2]
+    db_path = gw.database_url.split(":///", 1)[1]
+    with sqlite3.connect(db_path) as conn:
+        dump = "\n".join(conn.iterdump())
+    assert secret not in dump and key not in dump

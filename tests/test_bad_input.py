@@ -1,0 +1,106 @@
+"""Bad bodies get 400 or 413 in OpenAI's shape, an audit row, and no crash;
+the engine never sees them."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.support import EngineRef, Gateway, SocketDouble
+
+LIMIT = 4096
+
+
+@pytest.fixture
+def tripwire() -> SocketDouble:
+    double = SocketDouble("hang")
+    yield double
+    double.close()
+
+
+@pytest.fixture
+def gw(make_gateway: GatewayFactory, tripwire: SocketDouble) -> Gateway:
+    return make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"max_body_bytes": LIMIT})
+
+
+@pytest.fixture
+def key(gw: Gateway) -> str:
+    return gw.create_key()
+
+
+def _check(gw: Gateway, r: httpx.Response, status: int, reason: str, param: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    final = gw.final(r.headers["x-request-id"])
+    assert final["http_status"] == status and final["error_type"] == reason and final["outcome"] == "refused"
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "param"),
+    [
+        (b"{not json", "malformed_json", None),
+        (b"", "empty_body", None),
+        (b"[1, 2]", "invalid_body", None),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "invalid_body", None),
+        (b'{"model": 7, "messages": []}', "invalid_body", "model"),
+        (b'{"model": "m", "messages": "hello"}', "invalid_body", "messages"),
+        (b'{"model": "m", "messages": [{"content": "no role"}]}', "invalid_body", "messages[0]"),
+        (b'{"model": "m", "messages": []}', "invalid_body", "messages"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "invalid_body", "stream"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "invalid_body", "max_tokens"),
+        (b'\xff\xfe{"model"', "malformed_json", None),
+    ],
+)
+def test_bad_chat_bodies(gw: Gateway, key: str, tripwire: SocketDouble, body: bytes, reason: str, param: str | None) -> None:
+    r = gw.post("/v1/chat/completions", key=key, content=body, headers={"content-type": "application/json"})
+    _check(gw, r, 400, reason, param)
+    assert tripwire.calls == 0
+
+
+def test_bad_completion_prompt_type(gw: Gateway, key: str) -> None:
+    r = gw.post("/v1/completions", key=key, json={"model": "m", "prompt": {"a": 1}})
+    _check(gw, r, 400, "invalid_body", "prompt")
+
+
+def test_body_over_limit_declared(gw: Gateway, key: str, tripwire: SocketDouble) -> None:
+    r = gw.post("/v1/chat/completions", key=key, content=b"x" * (LIMIT + 1))
+    assert r.json()["error"]["code"] == "request_too_large"
+    _check(gw, r, 413, "body_too_large")
+    assert tripwire.calls == 0
+
+
+def test_body_over_limit_chunked(gw: Gateway, key: str, tripwire: SocketDouble) -> None:
+    def chunks():  # no Content-Length: the gateway must count as it reads
+        for _ in range(8):
+            yield b"y" * 1024
+
+    r = gw.post("/v1/chat/completions", key=key, content=chunks())
+    _check(gw, r, 413, "body_too_large")
+    assert tripwire.calls == 0
+
+
+def test_unknown_model_is_404(gw: Gateway, key: str) -> None:
+    r = gw.post("/v1/chat/completions", key=key, json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    final = gw.final(r.headers["x-request-id"])
+    assert final["model"] == "nope" and final["error_type"] == "model_not_found"
+
+
+def test_unknown_route_is_404_and_audited(gw: Gateway, key: str) -> None:
+    r = gw.post("/v1/embeddings", key=key, json={"model": "m", "input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    assert gw.final(r.headers["x-request-id"])["route"] == "/v1/embeddings"
+
+
+def test_wrong_method_is_openai_shaped(gw: Gateway) -> None:
+    r = httpx.get(gw.url + "/v1/chat/completions")
+    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_gateway_survives_all_of_it(gw: Gateway, key: str) -> None:
+    for body in (b"{", b"\x00" * 100, b'{"model": null}', b"9" * 4000):
+        gw.post("/v1/chat/completions", key=key, content=body)
+    assert httpx.get(gw.url + "/healthz").status_code == 200

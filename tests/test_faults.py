@@ -1,0 +1,195 @@
+"""Faults made by real processes and sockets: an engine that is down, too slow,
+or breaks off mid-stream; an audit store that refuses writes. Each ends in an
+OpenAI-shaped error; the audit store faults end with the engine never called."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.support import EngineRef, Gateway, SocketDouble, TcpProxy, free_port
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture
+def hang() -> Iterator[SocketDouble]:
+    double = SocketDouble("hang")
+    yield double
+    double.close()
+
+
+def test_engine_down_is_503_and_audited(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(engines=[EngineRef("m", f"http://127.0.0.1:{free_port()}", "k")])
+    key = gw.create_key()
+    r = gw.post("/v1/chat/completions", json=CHAT, key=key)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    records = gw.records(r.headers["x-request-id"])
+    assert [x["phase"] for x in records] == ["intent", "final"]
+    assert records[1]["error_type"] == "engine_connect_failed" and records[1]["outcome"] == "error"
+    ready = httpx.get(gw.url + "/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["engines"] == {"m": "unhealthy"}
+
+
+def test_engine_too_slow_is_504_and_audited(make_gateway: GatewayFactory, hang: SocketDouble) -> None:
+    gw = make_gateway(engines=[EngineRef("m", hang.url, "k")], gateway={"engine_read_timeout": 1.0})
+    key = gw.create_key()
+    r = gw.post("/v1/chat/completions", json=CHAT, key=key)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "engine_timeout"
+    final = gw.final(r.headers["x-request-id"])
+    assert final["http_status"] == 504 and final["error_type"] == "engine_read_timeout"
+    assert hang.calls == 1
+
+
+def test_engine_breaking_off_mid_stream_gives_an_error_event_and_audit(make_gateway: GatewayFactory) -> None:
+    broken = SocketDouble("break")
+    try:
+        gw = make_gateway(engines=[EngineRef("m", broken.url, "k")])
+        key = gw.create_key()
+        with httpx.stream(
+            "POST", gw.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+            headers={"authorization": f"Bearer {key}"}, timeout=10,
+        ) as r:  # fmt: skip
+            body = r.read()
+            request_id = r.headers["x-request-id"]
+        events = [e for e in body.split(b"\n\n") if e]
+        assert events[0].startswith(b'data: {"id":"x"')
+        assert b'"code":"engine_error"' in events[-1]
+        final = gw.final(request_id)
+        assert final["outcome"] == "error" and final["error_type"].startswith("engine_")
+    finally:
+        broken.close()
+
+
+# ----------------------------------------------------------- audit store faults
+
+
+def _assert_refused_without_engine(gw: Gateway, key: str, engine: SocketDouble) -> None:
+    r = gw.post("/v1/chat/completions", json=CHAT, key=key)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "audit_unavailable"
+    assert engine.calls == 0, "the engine saw a call that was never audited"
+    assert httpx.get(gw.url + "/readyz").json()["checks"]["audit_store"] == "unwritable"
+
+
+def _assert_reaches_engine(gw: Gateway, key: str, engine: SocketDouble) -> None:
+    """The control: with the store back, the same call is audited and forwarded."""
+    r = gw.post("/v1/chat/completions", json=CHAT, key=key)
+    assert r.status_code == 504  # the hanging engine was reached
+    assert engine.calls == 1
+    assert gw.final(r.headers["x-request-id"])["http_status"] == 504
+
+
+@contextmanager
+def sqlite_write_lock(db_path: str) -> Iterator[None]:
+    """Another process takes SQLite's write lock and keeps it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3,sys\n"
+         f"c=sqlite3.connect({db_path!r}, isolation_level=None)\n"
+         "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
+        yield
+    finally:
+        holder.terminate()
+        holder.wait()
+
+
+def test_sqlite_locked_by_another_process_refuses_calls(make_gateway: GatewayFactory, hang: SocketDouble) -> None:
+    gw = make_gateway(
+        engines=[EngineRef("m", hang.url, "k")],
+        gateway={"engine_read_timeout": 1.0},
+        database={"sqlite_busy_timeout_ms": 300},
+    )
+    key = gw.create_key()
+    with sqlite_write_lock(gw.database_url.split(":///", 1)[1]):
+        _assert_refused_without_engine(gw, key, hang)
+    _assert_reaches_engine(gw, key, hang)
+
+
+@contextmanager
+def immutable(paths: list[Path]) -> Iterator[None]:
+    """Make files read-only even for root (chattr +i)."""
+    done: list[Path] = []
+    try:
+        for p in paths:
+            if subprocess.run(["chattr", "+i", str(p)], capture_output=True).returncode != 0:
+                pytest.skip("chattr +i is not available here (needs root on ext4-like filesystems)")
+            done.append(p)
+        yield
+    finally:
+        for p in done:
+            subprocess.run(["chattr", "-i", str(p)], check=True)
+
+
+def test_sqlite_file_made_read_only_refuses_calls(make_gateway: GatewayFactory, hang: SocketDouble) -> None:
+    gw = make_gateway(engines=[EngineRef("m", hang.url, "k")], gateway={"engine_read_timeout": 1.0})
+    key = gw.create_key()
+    # A first refused call creates the WAL file, which is made read-only too.
+    assert gw.post("/v1/chat/completions", json=CHAT).status_code == 401
+    db = Path(gw.database_url.split(":///", 1)[1])
+    with immutable([db, db.with_name(db.name + "-wal")]):
+        _assert_refused_without_engine(gw, key, hang)
+    _assert_reaches_engine(gw, key, hang)
+
+
+@pytest.mark.postgres
+def test_postgres_refusing_connections_refuses_calls(
+    make_gateway: GatewayFactory, fresh_pg_url: str, hang: SocketDouble
+) -> None:
+    proxy = TcpProxy(5432)
+    proxied_url = fresh_pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    gw = make_gateway(engines=[EngineRef("m", hang.url, "k")], database_url=proxied_url)
+    key = gw.create_key()
+    assert gw.post("/v1/chat/completions", json=CHAT).status_code == 401  # store works before the cut
+    proxy.cut()
+    _assert_refused_without_engine(gw, key, hang)
+
+
+@pytest.mark.postgres
+def test_postgres_denying_inserts_refuses_calls(make_gateway: GatewayFactory, fresh_pg_url: str, hang: SocketDouble) -> None:
+    """The database itself refuses the write: the gateway's role loses INSERT."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from gateway.db import create_engine
+
+    role = f"bastion_writer_{secrets.token_hex(4)}"
+
+    async def admin(*sql: str) -> None:
+        engine = create_engine(fresh_pg_url)
+        try:
+            async with engine.begin() as conn:
+                for s in sql:
+                    await conn.execute(text(s))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(admin(
+        f"CREATE ROLE {role} LOGIN",
+        f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}",
+        f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}",
+    ))  # fmt: skip
+    user_url = fresh_pg_url.replace("://postgres@", f"://{role}@")
+    gw = make_gateway(engines=[EngineRef("m", hang.url, "k")], database_url=user_url, gateway={"engine_read_timeout": 1.0})
+    key = gw.create_key()
+    asyncio.run(admin(f"REVOKE INSERT ON audit_records FROM {role}"))
+    try:
+        r = gw.post("/v1/chat/completions", json=CHAT, key=key)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
+        assert hang.calls == 0
+    finally:
+        gw.stop()
+        asyncio.run(admin(f"DROP OWNED BY {role}", f"DROP ROLE {role}"))

@@ -1,0 +1,126 @@
+"""The `openai` SDK through the gateway to the real vLLM CPU engine, audited on
+SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.support import EngineRef, Gateway
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def gw(request: pytest.FixtureRequest, make_gateway: GatewayFactory, vllm_engine: EngineRef) -> Gateway:
+    url = request.getfixturevalue("fresh_pg_url") if request.param == "postgres" else None
+    return make_gateway(engines=[vllm_engine], database_url=url)
+
+
+def test_chat_completion_is_answered_and_audited_with_engine_usage(gw: Gateway) -> None:
+    key = gw.create_key(name="alice", team="risk")
+    raw = gw.client(key).chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8
+    )
+    completion = raw.parse()
+    request_id = raw.headers["x-request-id"]
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+    records = gw.records(request_id)
+    assert [r["phase"] for r in records] == ["intent", "final"]
+    final = records[1]
+    assert final["outcome"] == "ok" and final["http_status"] == 200
+    assert (final["prompt_tokens"], final["completion_tokens"]) == (
+        completion.usage.prompt_tokens,
+        completion.usage.completion_tokens,
+    )
+    assert final["key_name"] == "alice" and final["team"] == "risk" and final["role"] == "user"
+    assert final["auth_method"] == "api_key" and key.split("_")[1] == final["key_id"]
+    assert final["model"] == "tiny" and final["route"] == "/v1/chat/completions"
+    assert final["client_addr"] == "127.0.0.1"
+    assert final["response_sha256"] == hashlib.sha256(raw.http_response.content).hexdigest()
+    assert final["request_sha256"] == hashlib.sha256(raw.http_request.content).hexdigest()
+    assert final["latency_ms"] > 0 and final["ended_at"] >= final["started_at"]
+
+
+def test_stream_without_usage_request_still_audits_tokens_and_hides_usage_chunk(gw: Gateway) -> None:
+    key = gw.create_key()
+    with gw.client(key).chat.completions.with_streaming_response.create(
+        model="tiny", messages=[{"role": "user", "content": "Count to five"}], max_tokens=6, stream=True
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        chunks = list(response.parse())
+    assert chunks, "no chunks relayed"
+    assert all(c.usage is None for c in chunks), "the usage chunk the client did not ask for must be stripped"
+    assert all(c.choices for c in chunks)
+    final = gw.final(request_id)
+    assert final["stream"] and final["outcome"] == "ok"
+    assert final["completion_tokens"] == 6 and final["prompt_tokens"] > 0
+
+
+def test_stream_with_usage_request_relays_usage_equal_to_the_audit(gw: Gateway) -> None:
+    key = gw.create_key()
+    with gw.client(key).chat.completions.with_streaming_response.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Say something"}],
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        chunks = list(response.parse())
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []
+    final = gw.final(request_id)
+    assert (final["prompt_tokens"], final["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+
+
+def test_completions_streamed_and_not(gw: Gateway) -> None:
+    key = gw.create_key()
+    client = gw.client(key)
+    raw = client.completions.with_raw_response.create(model="tiny", prompt="Once upon a time", max_tokens=4)
+    completion = raw.parse()
+    assert completion.usage is not None and completion.usage.completion_tokens == 4
+    final = gw.final(raw.headers["x-request-id"])
+    assert final["route"] == "/v1/completions" and final["completion_tokens"] == 4
+
+    with client.completions.with_streaming_response.create(
+        model="tiny", prompt="Once upon a time", max_tokens=3, stream=True
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        text = "".join(c.choices[0].text for c in response.parse() if c.choices)
+    assert isinstance(text, str)
+    final = gw.final(request_id)
+    assert final["stream"] and final["completion_tokens"] == 3
+
+
+def test_models_lists_routable_models_and_is_audited(gw: Gateway) -> None:
+    key = gw.create_key()
+    raw = gw.client(key).models.with_raw_response.list()
+    assert [m.id for m in raw.parse()] == ["tiny"]
+    final = gw.final(raw.headers["x-request-id"])
+    assert final["route"] == "/v1/models" and final["http_status"] == 200
+
+
+def test_engine_error_is_relayed_in_openai_shape_and_audited(gw: Gateway) -> None:
+    key = gw.create_key()
+    # Longer than the engine's max_model_len (512): vLLM refuses with 400.
+    r = gw.post(
+        "/v1/completions", key=key, json={"model": "tiny", "prompt": "word " * 2000, "max_tokens": 4}
+    )
+    assert r.status_code == 400
+    assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+    final = gw.final(r.headers["x-request-id"])
+    assert final["http_status"] == 400 and final["outcome"] == "refused"
+    assert final["error_type"].startswith("engine:")
+
+
+def test_readyz_reports_engine_and_audit_store(gw: Gateway) -> None:
+    import httpx
+
+    r = httpx.get(gw.url + "/readyz")
+    assert r.status_code == 200
+    assert r.json()["checks"] == {"engines": {"tiny": "healthy"}, "audit_store": "writable"}
