@@ -51,6 +51,14 @@ def loopback_host_port(url: str) -> tuple[str, int]:
     return host, parts.port
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class LocalEngine:
     def __init__(self, config: LocalEngineConfig):
         self.config = config
@@ -102,16 +110,31 @@ class LocalEngine:
             time.sleep(1.0)
 
     def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM the engine's process group, SIGKILL it after `grace` seconds."""
+        """SIGTERM the engine's process group, SIGKILL what is left after `grace` seconds.
+
+        Returns once every process of the group is gone: vLLM's engine-core and
+        worker processes outlive the API server by a moment, and a later engine
+        on the same port or GPU must not meet them.
+        """
         proc = self._proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        pgid = proc.pid
+        if not _group_alive(pgid):
             proc.wait()
+            return
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader so it does not count as alive
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.2)
+        else:
+            os.killpg(pgid, signal.SIGKILL)
+        proc.wait()
+        while _group_alive(pgid):
+            time.sleep(0.05)
 
     def log_tail(self, lines: int = 25) -> str:
         try:

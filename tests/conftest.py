@@ -106,7 +106,8 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         port = free_port()
         config = write_config(directory, port=port, database_url=db_url, engines=engines, gateway=gateway, database=database)
         migrate.upgrade(db_url)
-        gw = Gateway(config=config, port=port, database_url=db_url)
+        tls_cert = (gateway or {}).get("tls_cert")
+        gw = Gateway(config=config, port=port, database_url=db_url, tls_cert=str(tls_cert) if tls_cert else None)
         started.append(gw)
         return gw.start() if start else gw
 

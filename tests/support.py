@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -90,6 +91,8 @@ class Gateway:
     port: int
     database_url: str
     proc: subprocess.Popen[bytes] | None = None
+    # With TLS: the certificate file clients must trust.
+    tls_cert: str | None = None
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -97,7 +100,11 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_cert else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=self.tls_cert) if self.tls_cert else True
 
     def start(self, timeout: float = 30) -> Gateway:
         log = open(self.log_path, "ab")
@@ -109,7 +116,7 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.log_path.read_text()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1, verify=self.verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -130,7 +137,8 @@ class Gateway:
         return str(json.loads(out.stdout)["key"])
 
     def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
+        kwargs.setdefault("base_url", self.url + "/v1")
+        return openai.OpenAI(api_key=key, max_retries=0, **kwargs)
 
     def post(self, path: str, *, key: str | None = None, **kwargs: Any) -> httpx.Response:
         headers = kwargs.pop("headers", {})

@@ -1,0 +1,159 @@
+"""The `bastion` CLI: init, keys, db upgrade, exit codes, and `up` with a real engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import BASTION, EngineRef, bastion, fetch_records, free_port, write_config
+
+
+def test_init_writes_config_state_and_secrets(tmp_path: Path) -> None:
+    result = bastion("init", "--dir", str(tmp_path / "site"))
+    assert "database migrated" in result.stdout
+    config = tmp_path / "site" / "bastion.toml"
+    assert config.exists()
+    pepper = tmp_path / "site" / "state" / "secrets" / "api-key-pepper"
+    assert pepper.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "site" / "state").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "site" / "state" / "bastion.db").exists()
+    # Running it again keeps what is there.
+    before = pepper.read_bytes()
+    bastion("init", "--dir", str(tmp_path / "site"))
+    assert pepper.read_bytes() == before
+    # db upgrade is idempotent and uses BASTION_CONFIG when --config is absent.
+    env = {**os.environ, "BASTION_CONFIG": str(config)}
+    assert subprocess.run([BASTION, "db", "upgrade"], env=env, capture_output=True).returncode == 0
+
+
+def test_keys_create_list_revoke_with_json(tmp_path: Path) -> None:
+    bastion("init", "--dir", str(tmp_path))
+    cfg = ["--config", str(tmp_path / "bastion.toml")]
+    created = json.loads(bastion("keys", "create", *cfg, "--name", "svc", "--role", "admin", "--team", "ops",
+                                 "--expires-in", "30d", "--json").stdout)  # fmt: skip
+    assert created["key"].startswith(f"bst_{created['key_id']}_")
+    listed = json.loads(bastion("keys", "list", *cfg, "--json").stdout)
+    assert [(k["key_id"], k["role"], k["team"]) for k in listed] == [(created["key_id"], "admin", "ops")]
+    assert "key" not in listed[0] and "secret_hash" not in listed[0]
+    assert listed[0]["expires_at"] is not None
+    bastion("keys", "revoke", *cfg, created["key_id"])
+    assert json.loads(bastion("keys", "list", *cfg, "--json").stdout)[0]["revoked_at"] is not None
+    # Revoking again, or an unknown id: the thing checked failed → 1.
+    assert bastion("keys", "revoke", *cfg, created["key_id"], check=False).returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "content"),
+    [
+        (["keys", "list"], None),  # no config file
+        (["keys", "list"], "[gateway]\nport = 'eighty'\n"),  # wrong type
+        (["keys", "list"], "[gateway]\nbogus = 1\n"),  # unknown field
+        (["keys", "list"], "not toml at all ="),
+        (["keys", "create", "--role", "root", "--name", "x"], ""),  # bad choice
+        (["keys", "create", "--name", "x", "--expires-in", "soon"], ""),
+        (["no-such-command"], ""),
+    ],
+)
+def test_usage_and_config_errors_exit_2(tmp_path: Path, args: list[str], content: str | None) -> None:
+    config = tmp_path / "bastion.toml"
+    if content is not None:
+        config.write_text(content)
+    result = subprocess.run([BASTION, *args, "--config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+
+
+def test_config_error_names_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "bastion.toml"
+    config.write_text("[gateway]\nport = 'eighty'\n")
+    result = subprocess.run([BASTION, "keys", "list", "--config", str(config)], capture_output=True, text=True)
+    assert "$.gateway.port" in result.stderr
+
+
+def test_migrations_match_the_table_definitions(tmp_path: Path) -> None:
+    """tables.py describes exactly what the migrations create."""
+    import asyncio
+
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from gateway import migrate
+    from gateway.db import create_engine
+    from gateway.tables import metadata
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'schema.db'}"
+    migrate.upgrade(url)
+
+    async def diff() -> list[object]:
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(diff()) == []
+
+
+@pytest.mark.engine
+def test_up_starts_engine_and_gateway_and_stops_both_on_ctrl_c(
+    tmp_path: Path, engine_python: str, tiny_model: Path
+) -> None:
+    port = free_port()
+    engine = EngineRef("tiny", f"http://127.0.0.1:{free_port()}", "engine-secret-key", model_dir=str(tiny_model))
+    config = write_config(tmp_path, port=port, database_url="sqlite+aiosqlite:///state/bastion.db",
+                          engines=[engine], engine_python=engine_python)  # fmt: skip
+    bastion("db", "upgrade", "--config", str(config))
+    key = json.loads(bastion("keys", "create", "--config", str(config), "--name", "u", "--json").stdout)["key"]
+    proc = subprocess.Popen([BASTION, "up", "--config", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("bastion up did not become ready")
+        # The engine refuses anyone without its key, and listens on loopback only.
+        assert httpx.get(engine.url + "/v1/models").status_code == 401
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 200
+        assert r.json()["usage"]["completion_tokens"] == 3
+        engine_pids = _children(proc.pid)
+        assert engine_pids, "no engine process under `bastion up`"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        assert proc.wait(60) == 0
+        time.sleep(1)
+        assert not [p for p in engine_pids if Path(f"/proc/{p}").exists()], "engine outlived `bastion up`"
+        # vLLM's own workers ran in the engine's process group; none may be left.
+        for pgid in engine_pids:
+            assert subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).stdout == b""
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(engine.url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    db = tmp_path / "state" / "bastion.db"
+    finals = [r for r in fetch_records(f"sqlite+aiosqlite:///{db}") if r["phase"] == "final"]
+    assert [r["http_status"] for r in finals] == [200]
+    # The progress output names the engine and says it became healthy.
+    assert proc.stdout is not None and b"engine tiny: healthy" in proc.stdout.read()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
