@@ -70,7 +70,12 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     if not audit_ok:
         problems.append("audit store unwritable")
     body = {
-        "error": {"message": "Not ready: " + "; ".join(problems), "type": "api_error", "param": None, "code": "not_ready"},
+        "error": {
+            "message": "Not ready: " + "; ".join(problems),
+            "type": "api_error",
+            "param": None,
+            "code": "not_ready",
+        },
         "checks": checks,
     }
     return Response(msgspec.json.encode(body), status_code=503, media_type="application/json")
@@ -82,7 +87,9 @@ async def _audit_store_writable(svc: Services) -> bool:
         async with asyncio.timeout(5):
             async with svc.db.begin() as conn:
                 result = await conn.execute(
-                    update(gateway_heartbeat).where(gateway_heartbeat.c.instance_id == svc.instance_id).values(beat_at=now)
+                    update(gateway_heartbeat)
+                    .where(gateway_heartbeat.c.instance_id == svc.instance_id)
+                    .values(beat_at=now)
                 )
                 if result.rowcount == 0:
                     await conn.execute(insert(gateway_heartbeat).values(instance_id=svc.instance_id, beat_at=now))

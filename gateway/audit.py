@@ -20,11 +20,9 @@ from typing import Any
 
 import msgspec
 import structlog
-from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.errors import AuditUnavailable
-from gateway.tables import audit_records
+from gateway.hotpath import HotPath
 
 log = structlog.get_logger("bastion.audit")
 
@@ -58,8 +56,8 @@ class AuditRecord(msgspec.Struct, kw_only=True):
 
 
 class AuditWriter:
-    def __init__(self, engine: AsyncEngine, *, queue_max: int, batch_max: int, write_timeout: float = 10.0):
-        self._engine = engine
+    def __init__(self, hot: HotPath, *, queue_max: int, batch_max: int, write_timeout: float = 10.0):
+        self._hot = hot
         self._queue_max = queue_max
         self._batch_max = batch_max
         self._write_timeout = write_timeout
@@ -85,7 +83,9 @@ class AuditWriter:
     async def write(self, record: AuditRecord) -> None:
         """Return once the record is committed; raise AuditUnavailable otherwise."""
         if self._closing or self._task is None or self._task.done():
-            raise AuditUnavailable("The audit store is not accepting records; the call was refused.", audit_reason="writer_stopped")
+            raise AuditUnavailable(
+                "The audit store is not accepting records; the call was refused.", audit_reason="writer_stopped"
+            )
         if len(self._pending) >= self._queue_max:
             raise AuditUnavailable("The audit store is overloaded; the call was refused.", audit_reason="queue_full")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -95,7 +95,9 @@ class AuditWriter:
             # shield: a caller that gives up must not cancel a batch others share.
             await asyncio.wait_for(asyncio.shield(done), self._write_timeout)
         except TimeoutError:
-            raise AuditUnavailable("The audit store did not answer in time; the call was refused.", audit_reason="write_timeout") from None
+            raise AuditUnavailable(
+                "The audit store did not answer in time; the call was refused.", audit_reason="write_timeout"
+            ) from None
 
     async def _run(self) -> None:
         while True:
@@ -110,7 +112,9 @@ class AuditWriter:
                 await self._commit([row for row, _ in batch])
             except Exception as exc:  # any database failure fails these records, closed
                 log.error("audit.write_failed", error=type(exc).__name__, records=len(batch))
-                err = AuditUnavailable("The audit store refused the record; the call was refused.", audit_reason="write_failed")
+                err = AuditUnavailable(
+                    "The audit store refused the record; the call was refused.", audit_reason="write_failed"
+                )
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(err)
@@ -122,8 +126,7 @@ class AuditWriter:
                         fut.set_result(None)
 
     async def _commit(self, rows: list[dict[str, Any]]) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(insert(audit_records), rows)
+        await self._hot.insert_audit(rows)
 
 
 async def write_quietly(writer: AuditWriter, record: AuditRecord) -> None:

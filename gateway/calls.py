@@ -33,7 +33,7 @@ from gateway.errors import (
     PayloadTooLarge,
     Unauthenticated,
 )
-from gateway.forward import Usage, error_of, sse_events, usage_of
+from gateway.forward import EngineStream, Usage, error_of, usage_of
 from gateway.keys import Principal
 from gateway.services import Services
 from gateway.summary import Kind, body_for_engine, summarize
@@ -154,13 +154,17 @@ async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
         if not declared.isdigit():
             raise BadRequest("Invalid Content-Length header.", audit_reason="bad_content_length")
         if int(declared) > limit:
-            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large")
+            raise PayloadTooLarge(
+                f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large"
+            )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large")
+            raise PayloadTooLarge(
+                f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -175,23 +179,27 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
         call.model, call.stream = summary.model, summary.stream
         upstream = svc.upstreams.get(summary.model)
         if upstream is None:
-            raise ModelNotFound(f"The model '{summary.model}' does not exist or you do not have access to it.", param="model")
+            raise ModelNotFound(
+                f"The model '{summary.model}' does not exist or you do not have access to it.", param="model"
+            )
         # Strict audit: nothing reaches the engine before this record is durable.
         await svc.audit.write(call.record("intent"))
         payload = body_for_engine(body, summary)
         if summary.stream:
-            upstream_response = await svc.forwarder.open_stream(upstream, path, payload)
-            if upstream_response.status_code == 200:
+            stream = await svc.forwarder.open_stream(upstream, path, payload)
+            if stream.status == 200:
                 return Stream(
-                    _relay(svc, call, upstream_response, strip_usage=not summary.client_wants_usage),
+                    _relay(svc, call, stream, strip_usage=not summary.client_wants_usage),
                     media_type="text/event-stream",
                     headers=_headers(call, {"cache-control": "no-cache"}),
                 )
-            answer = await upstream_response.aread()
-            await upstream_response.aclose()
-            return await _finish(svc, call, upstream_response.status_code, answer)
-        upstream_response = await svc.forwarder.post(upstream, path, payload)
-        return await _finish(svc, call, upstream_response.status_code, upstream_response.content)
+            try:
+                answer = await stream.read()
+            finally:
+                stream.close()
+            return await _finish(svc, call, stream.status, answer)
+        status, answer = await svc.forwarder.post(upstream, path, payload)
+        return await _finish(svc, call, status, answer)
     except GatewayError as err:
         return await refuse(svc, call, err)
     except Exception:
@@ -227,13 +235,13 @@ class _StreamChunk(msgspec.Struct, frozen=True):
 _chunk_decoder = msgspec.json.Decoder(_StreamChunk)
 
 
-async def _relay(svc: Services, call: Call, upstream_response: Any, *, strip_usage: bool) -> AsyncIterator[bytes]:
+async def _relay(svc: Services, call: Call, stream: EngineStream, *, strip_usage: bool) -> AsyncIterator[bytes]:
     """Relay the engine's events one by one; audit the outcome when the stream ends."""
     digest = hashlib.sha256()
     usage: Usage | None = None
     outcome, error_type, error_message = "client_closed", None, None
     try:
-        async for event in sse_events(upstream_response):
+        async for event in stream.events():
             if b'"usage":{' in event and event.startswith(b"data: "):
                 chunk = _chunk_decoder.decode(event[6:])
                 usage = chunk.usage or usage
@@ -257,14 +265,11 @@ async def _relay(svc: Services, call: Call, upstream_response: Any, *, strip_usa
             completion_tokens=usage.completion_tokens if usage else None,
             response_sha256=digest.hexdigest(),
         )
-        # A task, not an await: when the client went away this generator is being
-        # cancelled, and the engine connection must still close and the record land.
-        svc.spawn(_close_and_audit(svc, upstream_response, record))
-
-
-async def _close_and_audit(svc: Services, upstream_response: Any, record: AuditRecord) -> None:
-    await upstream_response.aclose()
-    await write_quietly(svc.audit, record)
+        # Closing drops the engine connection, so a client that went away
+        # aborts the engine's work too. The record is written by a task, not an
+        # await: this generator may be being cancelled, and the record must land.
+        stream.close()
+        svc.spawn(write_quietly(svc.audit, record))
 
 
 async def list_models(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
@@ -287,5 +292,7 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
 
 async def not_found(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
     call = Call.begin(request)
-    err = NotFound(f"Unknown route: {request.method} {request.url.path}", code="unknown_url", audit_reason="unknown_route")
+    err = NotFound(
+        f"Unknown route: {request.method} {request.url.path}", code="unknown_url", audit_reason="unknown_route"
+    )
     return await refuse(svc, call, err)

@@ -126,7 +126,9 @@ level = "info"
 
 @main.command()
 @config_option
-@click.option("--dir", "directory", type=click.Path(file_okay=False), help="Write DIR/bastion.toml and the state beside it.")
+@click.option(
+    "--dir", "directory", type=click.Path(file_okay=False), help="Write DIR/bastion.toml and the state beside it."
+)
 @click.option("--engine-python", default="", help="Python of the vLLM environment (for `up` and `demo-model`).")
 @click.option("--database-url", default="sqlite+aiosqlite:///state/bastion.db", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -140,9 +142,7 @@ def init(config_path: Path, directory: str | None, engine_python: str, database_
     else:
         python = str(Path(engine_python).absolute()) if engine_python else ""
         config_path.write_text(
-            CONFIG_TEMPLATE.format(
-                engine_python=json.dumps(python), port=port, database_url=json.dumps(database_url)
-            )
+            CONFIG_TEMPLATE.format(engine_python=json.dumps(python), port=port, database_url=json.dumps(database_url))
         )
         click.echo(f"wrote {config_path}")
     settings = settings_from(config_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
@@ -12,21 +13,26 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def create_engine(url: str, *, sqlite_busy_timeout_ms: int = 5000, pool_size: int = 10) -> AsyncEngine:
-    if not is_sqlite(url):
-        return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
-    engine = create_async_engine(url)
+def sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    """A `connect` listener that gives every SQLite connection the audit settings."""
 
-    @event.listens_for(engine.sync_engine, "connect")
-    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-        # WAL lets /readyz and key look-ups read while the audit writer writes;
+    def set_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        # WAL lets key look-ups and /readyz read while the audit writer writes;
         # synchronous=FULL makes every commit durable (fsync), which is what
         # "the audit record is durable before the engine sees the call" means.
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
-        cur.execute(f"PRAGMA busy_timeout={int(sqlite_busy_timeout_ms)}")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
+    return set_pragmas
+
+
+def create_engine(url: str, *, sqlite_busy_timeout_ms: int = 5000, pool_size: int = 10) -> AsyncEngine:
+    if not is_sqlite(url):
+        return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_async_engine(url)
+    event.listen(engine.sync_engine, "connect", sqlite_pragmas(sqlite_busy_timeout_ms))
     return engine

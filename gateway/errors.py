@@ -26,7 +26,9 @@ class GatewayError(Exception):
     type: str = "api_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, audit_reason: str | None = None):
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, audit_reason: str | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.param = param

@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.errors import KeyStoreUnavailable, Unauthenticated
+from gateway.hotpath import AsyncHotPath, HotPath
 from gateway.tables import api_keys
 
 Role = Literal["user", "auditor", "admin"]
@@ -97,9 +98,12 @@ def _aware(value: datetime | None) -> datetime | None:
 
 
 class KeyStore:
-    def __init__(self, engine: AsyncEngine, pepper: bytes):
+    """Key management over the async engine; look-ups on the call path go through `hot`."""
+
+    def __init__(self, engine: AsyncEngine, pepper: bytes, hot: HotPath | None = None):
         self._engine = engine
         self._pepper = pepper
+        self._hot = hot or AsyncHotPath(engine)
 
     async def create(self, *, name: str, role: Role, team: str = "", expires_at: datetime | None = None) -> NewKey:
         if role not in ROLES:
@@ -150,22 +154,15 @@ class KeyStore:
             raise Unauthenticated("Missing API key: send 'Authorization: Bearer <key>'.", audit_reason="missing_key")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("Malformed Authorization header: expected 'Bearer <key>'.", audit_reason="malformed_header")
+            raise Unauthenticated(
+                "Malformed Authorization header: expected 'Bearer <key>'.", audit_reason="malformed_header"
+            )
         match = _KEY_RE.match(token.strip())
         if match is None:
             raise Unauthenticated("Malformed API key.", audit_reason="malformed_key")
         key_id, secret = match.groups()
-        query = select(
-            api_keys.c.name,
-            api_keys.c.role,
-            api_keys.c.team,
-            api_keys.c.secret_hash,
-            api_keys.c.expires_at,
-            api_keys.c.revoked_at,
-        ).where(api_keys.c.key_id == key_id)
         try:
-            async with self._engine.connect() as conn:
-                row = (await conn.execute(query)).first()
+            row = await self._hot.key_row(key_id)
         except (SQLAlchemyError, OSError) as exc:
             raise KeyStoreUnavailable(
                 "The key store is unavailable; the call was refused.", audit_reason=f"key_store_{type(exc).__name__}"

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.audit import AuditWriter
 from gateway.db import create_engine
 from gateway.forward import Forwarder, Upstream
+from gateway.hotpath import HotPath, hot_path_for
 from gateway.keys import KeyStore, load_or_create_pepper
 from gateway.settings import ConfigError, Settings
 
@@ -22,6 +23,7 @@ from gateway.settings import ConfigError, Settings
 class Services:
     settings: Settings
     db: AsyncEngine
+    hot: HotPath
     keys: KeyStore
     audit: AuditWriter
     forwarder: Forwarder
@@ -34,17 +36,22 @@ class Services:
     @classmethod
     async def start(cls, settings: Settings) -> Services:
         upstreams = {d.name: Upstream(d.engine_url, read_engine_key(settings, d.name)) for d in settings.deployments}
-        db = create_engine(settings.database_url(), sqlite_busy_timeout_ms=settings.database.sqlite_busy_timeout_ms)
-        audit = AuditWriter(db, queue_max=settings.audit.queue_max, batch_max=settings.audit.batch_max)
+        url, busy_ms = settings.database_url(), settings.database.sqlite_busy_timeout_ms
+        db = create_engine(url, sqlite_busy_timeout_ms=busy_ms)
+        hot = hot_path_for(url, db, busy_timeout_ms=busy_ms)
+        audit = AuditWriter(hot, queue_max=settings.audit.queue_max, batch_max=settings.audit.batch_max)
         await audit.start()
         g = settings.gateway
         return cls(
             settings=settings,
             db=db,
-            keys=KeyStore(db, load_or_create_pepper(settings.key_pepper_file)),
+            hot=hot,
+            keys=KeyStore(db, load_or_create_pepper(settings.key_pepper_file), hot),
             audit=audit,
             forwarder=Forwarder(
-                connect_timeout=g.engine_connect_timeout, read_timeout=g.engine_read_timeout, pool_size=g.engine_pool_size
+                connect_timeout=g.engine_connect_timeout,
+                read_timeout=g.engine_read_timeout,
+                pool_size=g.engine_pool_size,
             ),
             upstreams=upstreams,
         )
@@ -59,6 +66,7 @@ class Services:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.audit.close()
+        await self.hot.close()
         await self.forwarder.close()
         await self.db.dispose()
 

@@ -41,7 +41,9 @@ def tiny_model(engine_python: str, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="session")
 def vllm_engine(engine_python: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineRef]:
     """The one real vLLM engine of the test session, started by Bastion's own local runner."""
-    ref = EngineRef(name="tiny", url=f"http://127.0.0.1:{free_port()}", key=secrets.token_urlsafe(24), model_dir=str(tiny_model))
+    ref = EngineRef(
+        name="tiny", url=f"http://127.0.0.1:{free_port()}", key=secrets.token_urlsafe(24), model_dir=str(tiny_model)
+    )
     engine = LocalEngine(
         LocalEngineConfig(
             name=ref.name,
@@ -104,7 +106,9 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         directory = tmp_path / f"gw{count}"
         db_url = database_url or f"sqlite+aiosqlite:///{directory / 'state' / 'bastion.db'}"
         port = free_port()
-        config = write_config(directory, port=port, database_url=db_url, engines=engines, gateway=gateway, database=database)
+        config = write_config(
+            directory, port=port, database_url=db_url, engines=engines, gateway=gateway, database=database
+        )
         migrate.upgrade(db_url)
         tls_cert = (gateway or {}).get("tls_cert")
         gw = Gateway(config=config, port=port, database_url=db_url, tls_cert=str(tls_cert) if tls_cert else None)

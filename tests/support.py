@@ -5,6 +5,7 @@ TCP proxy that can be cut to make PostgreSQL refuse connections)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -107,10 +108,13 @@ class Gateway:
         return ssl.create_default_context(cafile=self.tls_cert) if self.tls_cert else True
 
     def start(self, timeout: float = 30) -> Gateway:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [BASTION, "serve", "--config", str(self.config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [BASTION, "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -133,7 +137,20 @@ class Gateway:
                 self.proc.wait()
 
     def create_key(self, *extra: str, name: str = "test", role: str = "user", team: str = "team-a") -> str:
-        out = bastion("keys", "create", "--config", str(self.config), "--name", name, "--role", role, "--team", team, "--json", *extra)
+        out = bastion(
+            "keys",
+            "create",
+            "--config",
+            str(self.config),
+            "--name",
+            name,
+            "--role",
+            role,
+            "--team",
+            team,
+            "--json",
+            *extra,
+        )
         return str(json.loads(out.stdout)["key"])
 
     def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
@@ -215,10 +232,15 @@ class SocketDouble:
             head = conn.recv(65536)
             self.request_lines.append(head.split(b"\r\n", 1)[0])
             if self.mode == "break":
-                event = b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+                event = (
+                    b'data: {"id":"x","object":"chat.completion.chunk",'
+                    b'"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+                )
                 conn.sendall(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                    + f"{len(event):x}\r\n".encode() + event + b"\r\n"
+                    + f"{len(event):x}\r\n".encode()
+                    + event
+                    + b"\r\n"
                 )
                 time.sleep(0.2)
                 conn.close()
@@ -234,10 +256,8 @@ class SocketDouble:
         self._stop.set()
         self._sock.close()
         for c in self._conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.close()
-            except OSError:
-                pass
 
 
 class TcpProxy:
@@ -271,18 +291,14 @@ class TcpProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def cut(self) -> None:
         # shutdown() wakes the thread blocked in accept(); close() alone would
         # leave the kernel accepting connections that nobody serves.
-        try:
+        with contextlib.suppress(OSError):
             self._server.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._server.close()
         for s in self._open:
             try:

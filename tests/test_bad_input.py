@@ -50,11 +50,17 @@ def _check(gw: Gateway, r: httpx.Response, status: int, reason: str, param: str 
         (b'{"model": "m", "messages": [{"content": "no role"}]}', "invalid_body", "messages[0]"),
         (b'{"model": "m", "messages": []}', "invalid_body", "messages"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "invalid_body", "stream"),
-        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "invalid_body", "max_tokens"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+            "invalid_body",
+            "max_tokens",
+        ),
         (b'\xff\xfe{"model"', "malformed_json", None),
     ],
 )
-def test_bad_chat_bodies(gw: Gateway, key: str, tripwire: SocketDouble, body: bytes, reason: str, param: str | None) -> None:
+def test_bad_chat_bodies(
+    gw: Gateway, key: str, tripwire: SocketDouble, body: bytes, reason: str, param: str | None
+) -> None:
     r = gw.post("/v1/chat/completions", key=key, content=body, headers={"content-type": "application/json"})
     _check(gw, r, 400, reason, param)
     assert tripwire.calls == 0

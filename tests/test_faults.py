@@ -158,7 +158,9 @@ def test_postgres_refusing_connections_refuses_calls(
 
 
 @pytest.mark.postgres
-def test_postgres_denying_inserts_refuses_calls(make_gateway: GatewayFactory, fresh_pg_url: str, hang: SocketDouble) -> None:
+def test_postgres_denying_inserts_refuses_calls(
+    make_gateway: GatewayFactory, fresh_pg_url: str, hang: SocketDouble
+) -> None:
     """The database itself refuses the write: the gateway's role loses INSERT."""
     import asyncio
 
@@ -183,7 +185,9 @@ def test_postgres_denying_inserts_refuses_calls(make_gateway: GatewayFactory, fr
         f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}",
     ))  # fmt: skip
     user_url = fresh_pg_url.replace("://postgres@", f"://{role}@")
-    gw = make_gateway(engines=[EngineRef("m", hang.url, "k")], database_url=user_url, gateway={"engine_read_timeout": 1.0})
+    gw = make_gateway(
+        engines=[EngineRef("m", hang.url, "k")], database_url=user_url, gateway={"engine_read_timeout": 1.0}
+    )
     key = gw.create_key()
     asyncio.run(admin(f"REVOKE INSERT ON audit_records FROM {role}"))
     try:

@@ -108,9 +108,7 @@ def test_models_lists_routable_models_and_is_audited(gw: Gateway) -> None:
 def test_engine_error_is_relayed_in_openai_shape_and_audited(gw: Gateway) -> None:
     key = gw.create_key()
     # Longer than the engine's max_model_len (512): vLLM refuses with 400.
-    r = gw.post(
-        "/v1/completions", key=key, json={"model": "tiny", "prompt": "word " * 2000, "max_tokens": 4}
-    )
+    r = gw.post("/v1/completions", key=key, json={"model": "tiny", "prompt": "word " * 2000, "max_tokens": 4})
     assert r.status_code == 400
     assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
     final = gw.final(r.headers["x-request-id"])

@@ -50,7 +50,9 @@ def tripwire() -> SocketDouble:
     double.close()
 
 
-def test_gateway_serves_tls_with_a_certificate(make_gateway: GatewayFactory, tripwire: SocketDouble, tmp_path: Path) -> None:
+def test_gateway_serves_tls_with_a_certificate(
+    make_gateway: GatewayFactory, tripwire: SocketDouble, tmp_path: Path
+) -> None:
     cert, key = _self_signed(tmp_path)
     gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"tls_cert": str(cert), "tls_key": str(key)})
     assert gw.url.startswith("https://")
