@@ -325,13 +325,16 @@ def ensure_engine_key(settings: Settings, name: str) -> None:
 def serve(config_path: Path) -> None:
     """Run the gateway only (the engines run elsewhere)."""
     from gateway.server import make_server
+    from gateway.services import read_engine_key
 
     settings = settings_from(config_path)
     try:
-        server = make_server(settings)
-        server.run()
+        for d in settings.deployments:
+            read_engine_key(settings, d.name)
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
+    server = make_server(settings)
+    server.run()
     if not server.started:
         raise CheckFailed("the gateway did not start (see the log above)")
 

@@ -17,7 +17,7 @@ from engine.local import LocalEngine, LocalEngineConfig
 from engine.spec import EngineSpec
 from gateway import migrate
 from gateway.db import create_engine
-from tests.support import EngineRef, Gateway, free_port, write_config
+from tests.support import EngineRef, Gateway, SocketDouble, free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("BASTION_TEST_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -85,6 +85,14 @@ def pg_url() -> Iterator[str]:
 
 
 GatewayFactory = Callable[..., Gateway]
+
+
+@pytest.fixture
+def tripwire() -> Iterator[SocketDouble]:
+    """An "engine" that accepts calls and never answers, and records each one."""
+    double = SocketDouble("hang")
+    yield double
+    double.close()
 
 
 @pytest.fixture

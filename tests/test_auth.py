@@ -13,13 +13,6 @@ CHAT = {"model": "tripwire", "messages": [{"role": "user", "content": "hi"}], "m
 
 
 @pytest.fixture
-def tripwire() -> SocketDouble:
-    double = SocketDouble("hang")
-    yield double
-    double.close()
-
-
-@pytest.fixture
 def gw(make_gateway: GatewayFactory, tripwire: SocketDouble) -> Gateway:
     return make_gateway(engines=[EngineRef("tripwire", tripwire.url, "engine-key")])
 

@@ -13,13 +13,6 @@ LIMIT = 4096
 
 
 @pytest.fixture
-def tripwire() -> SocketDouble:
-    double = SocketDouble("hang")
-    yield double
-    double.close()
-
-
-@pytest.fixture
 def gw(make_gateway: GatewayFactory, tripwire: SocketDouble) -> Gateway:
     return make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"max_body_bytes": LIMIT})
 

@@ -69,6 +69,13 @@ def test_usage_and_config_errors_exit_2(tmp_path: Path, args: list[str], content
     assert result.returncode == 2, result.stderr
 
 
+def test_serve_without_engine_key_file_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "bastion.toml"
+    config.write_text('[[deployments]]\nname = "m"\nengine_url = "http://127.0.0.1:9"\n')
+    result = subprocess.run([BASTION, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "engine key file" in result.stderr
+
+
 def test_config_error_names_the_field(tmp_path: Path) -> None:
     config = tmp_path / "bastion.toml"
     config.write_text("[gateway]\nport = 'eighty'\n")

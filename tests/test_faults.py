@@ -20,13 +20,6 @@ from tests.support import EngineRef, Gateway, SocketDouble, TcpProxy, free_port
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
-@pytest.fixture
-def hang() -> Iterator[SocketDouble]:
-    double = SocketDouble("hang")
-    yield double
-    double.close()
-
-
 def test_engine_down_is_503_and_audited(make_gateway: GatewayFactory) -> None:
     gw = make_gateway(engines=[EngineRef("m", f"http://127.0.0.1:{free_port()}", "k")])
     key = gw.create_key()
@@ -39,14 +32,14 @@ def test_engine_down_is_503_and_audited(make_gateway: GatewayFactory) -> None:
     assert ready.status_code == 503 and ready.json()["checks"]["engines"] == {"m": "unhealthy"}
 
 
-def test_engine_too_slow_is_504_and_audited(make_gateway: GatewayFactory, hang: SocketDouble) -> None:
-    gw = make_gateway(engines=[EngineRef("m", hang.url, "k")], gateway={"engine_read_timeout": 1.0})
+def test_engine_too_slow_is_504_and_audited(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
+    gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"engine_read_timeout": 1.0})
     key = gw.create_key()
     r = gw.post("/v1/chat/completions", json=CHAT, key=key)
     assert r.status_code == 504 and r.json()["error"]["code"] == "engine_timeout"
     final = gw.final(r.headers["x-request-id"])
     assert final["http_status"] == 504 and final["error_type"] == "engine_read_timeout"
-    assert hang.calls == 1
+    assert tripwire.calls == 1
 
 
 def test_engine_breaking_off_mid_stream_gives_an_error_event_and_audit(make_gateway: GatewayFactory) -> None:
@@ -106,16 +99,16 @@ def sqlite_write_lock(db_path: str) -> Iterator[None]:
         holder.wait()
 
 
-def test_sqlite_locked_by_another_process_refuses_calls(make_gateway: GatewayFactory, hang: SocketDouble) -> None:
+def test_sqlite_locked_by_another_process_refuses_calls(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
     gw = make_gateway(
-        engines=[EngineRef("m", hang.url, "k")],
+        engines=[EngineRef("m", tripwire.url, "k")],
         gateway={"engine_read_timeout": 1.0},
         database={"sqlite_busy_timeout_ms": 300},
     )
     key = gw.create_key()
     with sqlite_write_lock(gw.database_url.split(":///", 1)[1]):
-        _assert_refused_without_engine(gw, key, hang)
-    _assert_reaches_engine(gw, key, hang)
+        _assert_refused_without_engine(gw, key, tripwire)
+    _assert_reaches_engine(gw, key, tripwire)
 
 
 @contextmanager
@@ -133,33 +126,33 @@ def immutable(paths: list[Path]) -> Iterator[None]:
             subprocess.run(["chattr", "-i", str(p)], check=True)
 
 
-def test_sqlite_file_made_read_only_refuses_calls(make_gateway: GatewayFactory, hang: SocketDouble) -> None:
-    gw = make_gateway(engines=[EngineRef("m", hang.url, "k")], gateway={"engine_read_timeout": 1.0})
+def test_sqlite_file_made_read_only_refuses_calls(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
+    gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"engine_read_timeout": 1.0})
     key = gw.create_key()
     # A first refused call creates the WAL file, which is made read-only too.
     assert gw.post("/v1/chat/completions", json=CHAT).status_code == 401
     db = Path(gw.database_url.split(":///", 1)[1])
     with immutable([db, db.with_name(db.name + "-wal")]):
-        _assert_refused_without_engine(gw, key, hang)
-    _assert_reaches_engine(gw, key, hang)
+        _assert_refused_without_engine(gw, key, tripwire)
+    _assert_reaches_engine(gw, key, tripwire)
 
 
 @pytest.mark.postgres
 def test_postgres_refusing_connections_refuses_calls(
-    make_gateway: GatewayFactory, fresh_pg_url: str, hang: SocketDouble
+    make_gateway: GatewayFactory, fresh_pg_url: str, tripwire: SocketDouble
 ) -> None:
     proxy = TcpProxy(5432)
     proxied_url = fresh_pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
-    gw = make_gateway(engines=[EngineRef("m", hang.url, "k")], database_url=proxied_url)
+    gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], database_url=proxied_url)
     key = gw.create_key()
     assert gw.post("/v1/chat/completions", json=CHAT).status_code == 401  # store works before the cut
     proxy.cut()
-    _assert_refused_without_engine(gw, key, hang)
+    _assert_refused_without_engine(gw, key, tripwire)
 
 
 @pytest.mark.postgres
 def test_postgres_denying_inserts_refuses_calls(
-    make_gateway: GatewayFactory, fresh_pg_url: str, hang: SocketDouble
+    make_gateway: GatewayFactory, fresh_pg_url: str, tripwire: SocketDouble
 ) -> None:
     """The database itself refuses the write: the gateway's role loses INSERT."""
     import asyncio
@@ -186,14 +179,14 @@ def test_postgres_denying_inserts_refuses_calls(
     ))  # fmt: skip
     user_url = fresh_pg_url.replace("://postgres@", f"://{role}@")
     gw = make_gateway(
-        engines=[EngineRef("m", hang.url, "k")], database_url=user_url, gateway={"engine_read_timeout": 1.0}
+        engines=[EngineRef("m", tripwire.url, "k")], database_url=user_url, gateway={"engine_read_timeout": 1.0}
     )
     key = gw.create_key()
     asyncio.run(admin(f"REVOKE INSERT ON audit_records FROM {role}"))
     try:
         r = gw.post("/v1/chat/completions", json=CHAT, key=key)
         assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
-        assert hang.calls == 0
+        assert tripwire.calls == 0
     finally:
         gw.stop()
         asyncio.run(admin(f"DROP OWNED BY {role}", f"DROP ROLE {role}"))

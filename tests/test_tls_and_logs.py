@@ -43,13 +43,6 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-@pytest.fixture
-def tripwire() -> SocketDouble:
-    double = SocketDouble("hang")
-    yield double
-    double.close()
-
-
 def test_gateway_serves_tls_with_a_certificate(
     make_gateway: GatewayFactory, tripwire: SocketDouble, tmp_path: Path
 ) -> None:
