@@ -129,5 +129,8 @@ def create_app(settings: Settings) -> Litestar:
         # The gateway reads bodies itself, with its own limit and an audited 413.
         request_max_body_size=None,
         openapi_config=None,
+        # Logging is configured once by gateway.logs (JSON); Litestar's default
+        # config would replace that handler with its own plain-text one.
+        logging_config=None,
         debug=False,
     )
