@@ -197,6 +197,7 @@ class SocketDouble:
 
     mode "hang": accept, read, never answer (an engine too slow to answer).
     mode "break": answer 200 with one SSE event, then drop the connection.
+    mode "close": read the request, then close without a word.
     It records request lines, so a test can prove no call reached the engine.
     """
 
@@ -231,7 +232,9 @@ class SocketDouble:
         try:
             head = conn.recv(65536)
             self.request_lines.append(head.split(b"\r\n", 1)[0])
-            if self.mode == "break":
+            if self.mode == "close":
+                conn.close()
+            elif self.mode == "break":
                 event = (
                     b'data: {"id":"x","object":"chat.completion.chunk",'
                     b'"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'

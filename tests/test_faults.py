@@ -42,6 +42,19 @@ def test_engine_too_slow_is_504_and_audited(make_gateway: GatewayFactory, tripwi
     assert tripwire.calls == 1
 
 
+def test_engine_closing_without_an_answer_is_502_and_audited(make_gateway: GatewayFactory) -> None:
+    closer = SocketDouble("close")
+    try:
+        gw = make_gateway(engines=[EngineRef("m", closer.url, "k")])
+        r = gw.post("/v1/chat/completions", json=CHAT, key=gw.create_key())
+        assert r.status_code == 502 and r.json()["error"]["code"] == "engine_error"
+        final = gw.final(r.headers["x-request-id"])
+        assert final["outcome"] == "error" and final["error_type"].startswith("engine_")
+        assert closer.calls == 1
+    finally:
+        closer.close()
+
+
 def test_engine_breaking_off_mid_stream_gives_an_error_event_and_audit(make_gateway: GatewayFactory) -> None:
     broken = SocketDouble("break")
     try:
