@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -15,6 +16,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import Method
 from sqlalchemy import insert, update
 
+from engine.manifest import Verification
 from gateway import calls
 from gateway.errors import ErrorBody, ErrorEnvelope
 from gateway.services import Services
@@ -29,12 +31,12 @@ def _svc(request: Request[Any, Any, Any]) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-@post("/v1/chat/completions")
+@post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     return await calls.inference(request, _svc(request), "chat", "/v1/chat/completions")
 
 
-@post("/v1/completions")
+@post("/v1/completions", status_code=200)
 async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
     return await calls.inference(request, _svc(request), "completions", "/v1/completions")
 
@@ -42,6 +44,11 @@ async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
 @get("/v1/models")
 async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
     return await calls.list_models(request, _svc(request))
+
+
+@post("/admin/models/verify", status_code=200)
+async def admin_verify_models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return await calls.verify_models(request, _svc(request))
 
 
 @route("/{path:path}", http_method=ALL_METHODS)
@@ -57,18 +64,20 @@ async def healthz() -> Response[bytes]:
 
 @get("/readyz")
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Ready: every engine is healthy and the audit store takes a write."""
+    """Ready: every model verified, every engine healthy, and the audit store takes a write."""
     svc = _svc(request)
     names = list(svc.upstreams)
     healthy = await asyncio.gather(*(svc.forwarder.health(svc.upstreams[n]) for n in names))
     engines = {n: ("healthy" if ok else "unhealthy") for n, ok in zip(names, healthy, strict=True)}
+    models = {n: svc.integrity.state(n).public() for n in names}
     audit_ok = await _audit_store_writable(svc)
-    checks = {"engines": engines, "audit_store": "writable" if audit_ok else "unwritable"}
-    if audit_ok and all(healthy):
-        return Response(msgspec.json.encode({"status": "ready", "checks": checks}), media_type="application/json")
+    checks = {"engines": engines, "models": models, "audit_store": "writable" if audit_ok else "unwritable"}
     problems = [f"engine {n} unhealthy" for n, ok in engines.items() if ok != "healthy"]
+    problems += [f"model {n} {m['status']}" for n, m in models.items() if m["status"] in ("pending", "failed")]
     if not audit_ok:
         problems.append("audit store unwritable")
+    if not problems:
+        return Response(msgspec.json.encode({"status": "ready", "checks": checks}), media_type="application/json")
     body = {
         "error": {
             "message": "Not ready: " + "; ".join(problems),
@@ -111,11 +120,22 @@ def _internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes
     return Response(msgspec.json.encode(err), status_code=500, media_type="application/json")
 
 
-def create_app(settings: Settings) -> Litestar:
+def _on_sighup(callback: Callable[[], None]) -> None:
+    """SIGHUP re-verifies every model (where signals can be handled: the main thread)."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
+    except (NotImplementedError, RuntimeError, ValueError):
+        log.warning("sighup.unavailable")
+
+
+def create_app(settings: Settings, preverified: dict[str, Verification] | None = None) -> Litestar:
+    """The app; `preverified` carries manifest checks already done for this boot (by `up`)."""
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        app.state.services = await Services.start(settings)
-        log.info("gateway.started", deployments=sorted(app.state.services.upstreams))
+        svc = app.state.services = await Services.start(settings, preverified)
+        _on_sighup(lambda: svc.spawn(svc.integrity.verify_all("sighup")))
+        log.info("gateway.started", deployments=sorted(svc.upstreams))
         try:
             yield
         finally:
@@ -123,7 +143,7 @@ def create_app(settings: Settings) -> Litestar:
             log.info("gateway.stopped")
 
     return Litestar(
-        route_handlers=[chat_completions, completions, models, healthz, readyz, unknown_route],
+        route_handlers=[chat_completions, completions, models, healthz, readyz, admin_verify_models, unknown_route],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_exception, Exception: _internal_error},
         # The gateway reads bodies itself, with its own limit and an audited 413.

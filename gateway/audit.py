@@ -31,7 +31,7 @@ class AuditRecord(msgspec.Struct, kw_only=True):
     """One row of `audit_records`. Field names match the columns."""
 
     request_id: str
-    phase: str  # intent | final
+    phase: str  # intent | final | system
     started_at: datetime
     method: str
     route: str
@@ -53,6 +53,8 @@ class AuditRecord(msgspec.Struct, kw_only=True):
     latency_ms: float | None = None
     request_sha256: str | None = None
     response_sha256: str | None = None
+    manifest_sha256: str | None = None
+    detail: str | None = None
 
 
 class AuditWriter:

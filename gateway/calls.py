@@ -29,6 +29,7 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     ModelNotFound,
+    ModelUnavailable,
     NotFound,
     PayloadTooLarge,
     Unauthenticated,
@@ -57,6 +58,7 @@ class Call:
     principal: Principal | None = None
     claimed_key_id: str | None = None
     model: str | None = None
+    manifest_sha256: str | None = None
     stream: bool = False
     request_sha256: str | None = None
 
@@ -86,6 +88,7 @@ class Call:
             role=p.role if p else None,
             client_addr=self.client_addr,
             model=self.model,
+            manifest_sha256=self.manifest_sha256,
             stream=self.stream,
             request_sha256=self.request_sha256,
             **fields,
@@ -181,6 +184,13 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
         if upstream is None:
             raise ModelNotFound(
                 f"The model '{summary.model}' does not exist or you do not have access to it.", param="model"
+            )
+        state = svc.integrity.state(summary.model)
+        call.manifest_sha256 = state.manifest_sha256
+        if state.status not in ("verified", "unverified"):
+            raise ModelUnavailable(
+                f"The model '{summary.model}' is not available: its integrity check is {state.status}.",
+                audit_reason=f"model_{state.status}",
             )
         # Strict audit: nothing reaches the engine before this record is durable.
         await svc.audit.write(call.record("intent"))
@@ -281,6 +291,27 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
     created = int(svc.started_at.timestamp())
     data = [{"id": name, "object": "model", "created": created, "owned_by": "bastion"} for name in svc.upstreams]
     body = msgspec.json.encode({"object": "list", "data": data})
+    try:
+        await svc.audit.write(
+            call.final(outcome="ok", http_status=200, response_sha256=hashlib.sha256(body).hexdigest())
+        )
+    except AuditUnavailable as err:
+        return error_response(call, err)
+    return Response(body, media_type=JSON, headers=_headers(call))
+
+
+ADMIN_ROLES = frozenset({"admin"})
+
+
+async def verify_models(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
+    """POST /admin/models/verify: re-verify every model now; answer with their states."""
+    call = Call.begin(request)
+    try:
+        await authenticate(svc, request, call, ADMIN_ROLES)
+        await svc.integrity.verify_all("admin")
+    except GatewayError as err:
+        return await refuse(svc, call, err)
+    body = msgspec.json.encode({"models": {n: s.public() for n, s in svc.integrity.states.items()}})
     try:
         await svc.audit.write(
             call.final(outcome="ok", http_status=200, response_sha256=hashlib.sha256(body).hexdigest())

@@ -15,7 +15,8 @@ import re
 import secrets
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
+from engine import manifest
 from gateway import logs, migrate
 from gateway.keys import ROLES, KeyStore, load_or_create_pepper, write_secret_file
 from gateway.settings import ConfigError, Settings, load_settings, resolve_config_path
@@ -269,6 +271,143 @@ def keys_revoke(config_path: Path, key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
+# ------------------------------------------------------ signing and manifests
+
+
+@contextmanager
+def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar over bytes hashed, on stderr; yields the callback for the hashing threads."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress("{task.description}", *columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def folder_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@main.group("signing-key")
+def signing_key() -> None:
+    """Ed25519 publisher keys for model manifests."""
+
+
+@signing_key.command("create")
+@config_option
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="Private key file (0600); KEY.pub beside it."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def signing_key_create(config_path: Path, out: str, as_json: bool) -> None:
+    """Create a publisher key pair."""
+    del config_path  # accepted like every command; a key pair needs no config
+    try:
+        key_id = manifest.create_signing_key(Path(out))
+    except FileExistsError:
+        raise UsageProblem(f"{out} exists; refusing to overwrite a key") from None
+    if as_json:
+        echo_json({"key_id": key_id, "private_key": out, "public_key": out + ".pub"})
+    else:
+        click.echo(f"key id {key_id}: private key {out} (0600), public key {out}.pub")
+
+
+@main.group("manifest")
+def manifest_group() -> None:
+    """Signed SHA-256 manifests of model folders."""
+
+
+@manifest_group.command("create")
+@config_option
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Manifest file to write.")
+@click.option("--name", default=None, help="Model name (default: the folder's name).")
+@click.option("--version", "model_version", default="1", show_default=True, help="Model version.")
+def manifest_create(config_path: Path, directory: str, out: str, name: str | None, model_version: str) -> None:
+    """List every file of DIRECTORY with its size and SHA-256."""
+    del config_path
+    root = Path(directory)
+    with byte_progress("hashing", folder_bytes(root)) as progress:
+        try:
+            m = manifest.create_manifest(
+                root, name=name or root.resolve().name, version=model_version, progress=progress
+            )
+        except ValueError as exc:
+            raise CheckFailed(str(exc)) from None
+    Path(out).write_bytes(manifest.canonical(m))
+    click.echo(f"wrote {out}: {len(m.files)} files, {sum(f.size for f in m.files)} bytes")
+
+
+@manifest_group.command("sign")
+@config_option
+@click.argument("manifest_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False))
+def manifest_sign(config_path: Path, manifest_file: str, key_file: str) -> None:
+    """Sign MANIFEST with a publisher key; writes MANIFEST.sig."""
+    del config_path
+    data, parsed, problems = manifest.load_manifest(Path(manifest_file))
+    if parsed is None or problems:
+        raise CheckFailed("; ".join(map(str, problems)))
+    if data != manifest.canonical(parsed):
+        raise CheckFailed(f"{manifest_file} is not in canonical form; recreate it with `bastion manifest create`")
+    try:
+        key = manifest.load_private_key(Path(key_file))
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    sig = manifest.sign(data, key)
+    manifest.signature_path(Path(manifest_file)).write_bytes(msgspec.json.encode(sig))
+    click.echo(f"signed {manifest_file} with key {sig.key_id}")
+
+
+@manifest_group.command("verify")
+@config_option
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--manifest", "manifest_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--trusted-key", "trusted", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Publisher public key to trust (repeatable; default: the config's publishers).")  # fmt: skip
+@click.option("--model", "expected", default=None, help="Model name the manifest must carry.")
+@click.option("--allow-extra", multiple=True, help="Glob of files that need not be listed (repeatable).")
+@click.option("--allow-internal-symlinks", is_flag=True, help="Accept symlinks that stay inside the folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def manifest_verify(
+    config_path: Path, directory: str, manifest_file: str, trusted: tuple[str, ...], expected: str | None,
+    allow_extra: tuple[str, ...], allow_internal_symlinks: bool, as_json: bool,
+) -> None:  # fmt: skip
+    """Check DIRECTORY against a signed manifest: exit 0 only if every file matches."""
+    if trusted:
+        try:
+            keys = {manifest.key_id_of(k): k for k in (manifest.load_public_key(Path(t)) for t in trusted)}
+        except ValueError as exc:
+            raise UsageProblem(str(exc)) from None
+    else:
+        from gateway.integrity import trusted_keys
+
+        try:
+            keys = trusted_keys(settings_from(config_path))
+        except ConfigError as exc:
+            raise UsageProblem(str(exc)) from None
+    root = Path(directory)
+    policy = manifest.FolderPolicy(allow_extra, allow_internal_symlinks)
+    with byte_progress("verifying", folder_bytes(root)) as progress:
+        result = manifest.verify(
+            root, Path(manifest_file), keys, expected_model=expected, policy=policy, progress=progress
+        )
+    if as_json:
+        echo_json({
+            "ok": result.ok, "manifest_sha256": result.manifest_sha256, "key_id": result.key_id,
+            "bytes": result.bytes_hashed, "seconds": round(result.seconds, 3),
+            "problems": [{"kind": p.kind, "path": p.path, "detail": p.detail} for p in result.problems],
+        })  # fmt: skip
+    elif result.ok:
+        click.echo(f"ok: {result.bytes_hashed} bytes verified in {result.seconds:.2f}s, signed by {result.key_id}")
+    else:
+        for problem in result.problems:
+            click.echo(str(problem), err=True)
+    if not result.ok:
+        sys.exit(1)
+
+
 # --------------------------------------------------------------- demo model
 
 
@@ -287,16 +426,64 @@ def demo_model(config_path: Path, port: int) -> None:
         result = subprocess.run([python, str(ENGINE_DIR / "build_demo.py"), str(out)], check=False)
         if result.returncode != 0:
             raise CheckFailed("demo model conversion failed (see the output above)")
-    if settings.deployment(DEMO_NAME) is None:
-        rel = out.relative_to(Path(settings.base_dir)) if out.is_relative_to(settings.base_dir) else out
-        with open(config_path, "a") as f:
+    # A local publisher key signs the demo model's manifest, and the config trusts it.
+    key_file = settings.state_path / "keys" / "publisher.key"
+    manifest_file = settings.state_path / "manifests" / f"{DEMO_NAME}.manifest.json"
+    if not key_file.exists():
+        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        manifest.create_signing_key(key_file)
+    key = manifest.load_private_key(key_file)
+    key_id = manifest.key_id_of(key.public_key())
+    if not manifest.signature_path(manifest_file).exists():
+        manifest_file.parent.mkdir(parents=True, exist_ok=True)
+        with byte_progress("hashing", folder_bytes(out)) as progress:
+            m = manifest.create_manifest(out, name=DEMO_NAME, version="SmolLM2-135M-Instruct-Q4_1", progress=progress)
+        data = manifest.canonical(m)
+        manifest_file.write_bytes(data)
+        manifest.signature_path(manifest_file).write_bytes(msgspec.json.encode(manifest.sign(data, key)))
+        click.echo(f"wrote and signed {manifest_file} (key {key_id})")
+    base = Path(settings.base_dir)
+    rel = {p: (p.relative_to(base) if p.is_relative_to(base) else p) for p in (out, manifest_file, key_file)}
+    with open(config_path, "a") as f:
+        if not any(p.key_id == key_id for p in settings.publishers):
+            f.write(f'\n[[publishers]]\nkey_id = "{key_id}"\npublic_key = "{rel[key_file]}.pub"\n')
+        if settings.deployment(DEMO_NAME) is None:
             f.write(
                 f'\n[[deployments]]\nname = "{DEMO_NAME}"\nengine_url = "http://127.0.0.1:{port}"\n'
-                f'model_dir = "{rel}"\n\n[deployments.engine]\nmax_model_len = 2048\ndtype = "bfloat16"\n'
+                f'model_dir = "{rel[out]}"\nmanifest = "{rel[manifest_file]}"\n\n'
+                f'[deployments.engine]\nmax_model_len = 2048\ndtype = "bfloat16"\n'
             )
-        click.echo(f"added deployment {DEMO_NAME!r} to {config_path}")
+            click.echo(f"added deployment {DEMO_NAME!r} to {config_path}")
     settings = settings_from(config_path)
     ensure_engine_key(settings, DEMO_NAME)
+
+
+def _verify_before_start(settings: Settings) -> dict[str, manifest.Verification]:
+    """Verify every model `up` would serve; a model that fails gets no engine."""
+    from gateway.integrity import trusted_keys, verify_deployment
+
+    try:
+        trusted = trusted_keys(settings)
+    except ConfigError as exc:
+        raise UsageProblem(str(exc)) from None
+    results: dict[str, manifest.Verification] = {}
+    for d in settings.deployments:
+        if not d.verify:
+            err_console.print(f"model {d.name}: verify = false, served without an integrity check")
+            continue
+        with byte_progress(f"verifying {d.name}", folder_bytes(settings.path(d.model_dir))) as progress:
+            result = results[d.name] = verify_deployment(settings, d, trusted, progress)
+        if result.ok:
+            err_console.print(
+                f"model {d.name}: verified ({result.bytes_hashed} bytes, {result.seconds:.1f}s, key {result.key_id})"
+            )
+        else:
+            err_console.print(f"model {d.name}: FAILED verification")
+            for problem in result.problems:
+                err_console.print(f"  {problem}")
+    if results and not any(r.ok for r in results.values()) and all(d.verify for d in settings.deployments):
+        raise CheckFailed("no model passed verification; nothing to serve")
+    return results
 
 
 def _engine_python(settings: Settings) -> str:
@@ -355,9 +542,13 @@ def up(config_path: Path, engine_timeout: int) -> None:
     if not settings.deployments:
         raise UsageProblem("no deployments in the config (try `bastion demo-model`)")
     python = _engine_python(settings)
+    verified = _verify_before_start(settings)
     engines: list[LocalEngine] = []
     try:
         for d in settings.deployments:
+            if d.name in verified and not verified[d.name].ok:
+                err_console.print(f"engine {d.name}: not started, the model failed verification")
+                continue
             if not d.model_dir:
                 raise UsageProblem(f"deployment {d.name!r} has no model_dir for `up` to serve")
             ensure_engine_key(settings, d.name)
@@ -389,7 +580,7 @@ def up(config_path: Path, engine_timeout: int) -> None:
         g = settings.gateway
         scheme = "https" if g.tls_cert else "http"
         err_console.print(f"gateway: {scheme}://{g.host}:{g.port}/v1  (Ctrl-C stops everything)")
-        server = make_server(settings)
+        server = make_server(settings, verified)
         server.run()
         if not server.started:
             raise CheckFailed("the gateway did not start (see the log above)")

@@ -107,6 +107,14 @@ class KeyStoreUnavailable(GatewayError):
     code = "auth_unavailable"
 
 
+class ModelUnavailable(GatewayError):
+    """The model exists but is not verified against its manifest (pending or failed)."""
+
+    status = 503
+    type = "api_error"
+    code = "model_unavailable"
+
+
 class AuditUnavailable(GatewayError):
     """The audit store cannot take the record: refuse rather than serve unaudited."""
 

@@ -6,11 +6,12 @@ import ssl
 
 import uvicorn
 
+from engine.manifest import Verification
 from gateway.app import create_app
 from gateway.settings import Settings
 
 
-def uvicorn_config(settings: Settings) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, preverified: dict[str, Verification] | None = None) -> uvicorn.Config:
     g = settings.gateway
     tls: dict[str, object] = {}
     if g.tls_cert:
@@ -20,7 +21,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
             "ssl_version": ssl.PROTOCOL_TLS_SERVER,
         }
     return uvicorn.Config(
-        create_app(settings),
+        create_app(settings, preverified),
         host=g.host,
         port=g.port,
         loop="uvloop",
@@ -35,5 +36,5 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     )
 
 
-def make_server(settings: Settings) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn_config(settings))
+def make_server(settings: Settings, preverified: dict[str, Verification] | None = None) -> uvicorn.Server:
+    return uvicorn.Server(uvicorn_config(settings, preverified))

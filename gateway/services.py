@@ -11,10 +11,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from engine.manifest import Verification
 from gateway.audit import AuditWriter
 from gateway.db import create_engine
 from gateway.forward import Forwarder, Upstream
 from gateway.hotpath import HotPath, hot_path_for
+from gateway.integrity import Integrity
 from gateway.keys import KeyStore, load_or_create_pepper
 from gateway.settings import ConfigError, Settings
 
@@ -29,20 +31,23 @@ class Services:
     forwarder: Forwarder
     # Routable models by the name clients use.
     upstreams: dict[str, Upstream]
+    integrity: Integrity
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _periodic: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, settings: Settings) -> Services:
+    async def start(cls, settings: Settings, preverified: dict[str, Verification] | None = None) -> Services:
         upstreams = {d.name: Upstream(d.engine_url, read_engine_key(settings, d.name)) for d in settings.deployments}
         url, busy_ms = settings.database_url(), settings.database.sqlite_busy_timeout_ms
         db = create_engine(url, sqlite_busy_timeout_ms=busy_ms)
         hot = hot_path_for(url, db, busy_timeout_ms=busy_ms)
         audit = AuditWriter(hot, queue_max=settings.audit.queue_max, batch_max=settings.audit.batch_max)
         await audit.start()
+        integrity = Integrity(settings, audit)
         g = settings.gateway
-        return cls(
+        svc = cls(
             settings=settings,
             db=db,
             hot=hot,
@@ -54,7 +59,12 @@ class Services:
                 pool_size=g.engine_pool_size,
             ),
             upstreams=upstreams,
+            integrity=integrity,
         )
+        # Models stay unroutable (pending) until this finishes; the gateway answers meanwhile.
+        svc.spawn(integrity.verify_all("boot", preverified))
+        svc._periodic = asyncio.create_task(integrity.run_periodic(), name="reverify")
+        return svc
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run work that must finish even if the request that started it is cancelled."""
@@ -63,6 +73,8 @@ class Services:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        if self._periodic is not None:
+            self._periodic.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.audit.close()

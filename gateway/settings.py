@@ -65,11 +65,40 @@ class Deployment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Where the gateway reaches the engine. `bastion up` starts a local engine
     # listening exactly here (it must be a loopback address for the local runner).
     engine_url: str
-    # The model folder the engine serves (needed by `up`; informational for `serve`).
+    # The model folder the engine serves (verified against the manifest; served by `up`).
     model_dir: str = ""
     # File holding the engine's API key; only the gateway and the engine know it.
     engine_key_file: str = ""
     engine: EngineSpec = msgspec.field(default_factory=EngineSpec)
+    # Integrity: the signed manifest (signature at MANIFEST.sig). A deployment
+    # with verify = true (the default) is routable only once model_dir matches it.
+    verify: bool = True
+    manifest: str = ""
+    # The model name the manifest must carry (default: the deployment name).
+    manifest_model: str = ""
+    # Files the folder may hold without being listed (glob patterns, e.g. "README.md").
+    allow_extra_files: list[str] = msgspec.field(default_factory=list)
+    # Symlinks are refused; this allows those that stay inside the folder.
+    allow_internal_symlinks: bool = False
+
+    @property
+    def expected_model(self) -> str:
+        return self.manifest_model or self.name
+
+
+class Publisher(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A model publisher whose manifest signatures the gateway trusts."""
+
+    key_id: str
+    public_key: str  # PEM file of the Ed25519 public key
+
+
+class IntegritySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Re-verify every model this often (seconds); 0 = only at boot, on SIGHUP
+    # and on POST /admin/models/verify.
+    reverify_seconds: float = 3600.0
+    # Hashing threads; 0 = one per core.
+    workers: int = 0
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -78,6 +107,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    integrity: IntegritySettings = msgspec.field(default_factory=IntegritySettings)
+    publishers: list[Publisher] = msgspec.field(default_factory=list)
     # The engine's own Python (vLLM lives there, never in the gateway's environment).
     engine_python: str = ""
     deployments: list[Deployment] = msgspec.field(default_factory=list)
@@ -161,3 +192,7 @@ def _check(settings: Settings, path: Path) -> None:
     for d in settings.deployments:
         if not d.engine_url.startswith(("http://", "https://")):
             raise ConfigError(f"{path}: deployment {d.name!r}: engine_url must be http:// or https://")
+        if d.verify and not (d.manifest and d.model_dir):
+            raise ConfigError(
+                f"{path}: deployment {d.name!r}: set manifest and model_dir, or verify = false to serve it unverified"
+            )

@@ -67,6 +67,10 @@ audit_records = Table(
     Column("latency_ms", Float, nullable=True),
     Column("request_sha256", String(64), nullable=True),
     Column("response_sha256", String(64), nullable=True),
+    # The manifest digest of the model that served the call (or was verified).
+    Column("manifest_sha256", String(64), nullable=True),
+    # System events (phase "system"): a small JSON object of event details.
+    Column("detail", Text, nullable=True),
     Index("ix_audit_records_request_id", "request_id"),
     Index("ix_audit_records_started_at", "started_at"),
     Index("ix_audit_records_key_id_started_at", "key_id", "started_at"),

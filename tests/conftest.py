@@ -10,9 +10,11 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from sqlalchemy import text
 
+from engine import manifest
 from engine.local import LocalEngine, LocalEngineConfig
 from engine.spec import EngineSpec
 from gateway import migrate
@@ -39,10 +41,33 @@ def tiny_model(engine_python: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(engine_python: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineRef]:
+def tiny_manifest(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[str, str]]:
+    """The tiny model's manifest, signed by a publisher key made for the session."""
+    folder = tmp_path_factory.mktemp("publisher")
+    key_id = manifest.create_signing_key(folder / "publisher.key")
+    data = manifest.canonical(manifest.create_manifest(tiny_model, name="tiny", version="1"))
+    path = folder / "tiny.manifest.json"
+    path.write_bytes(data)
+    sig = manifest.sign(data, manifest.load_private_key(folder / "publisher.key"))
+    manifest.signature_path(path).write_bytes(msgspec.json.encode(sig))
+    return path, (key_id, str(folder / "publisher.key.pub"))
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(
+    engine_python: str,
+    tiny_model: Path,
+    tiny_manifest: tuple[Path, tuple[str, str]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[EngineRef]:
     """The one real vLLM engine of the test session, started by Bastion's own local runner."""
     ref = EngineRef(
-        name="tiny", url=f"http://127.0.0.1:{free_port()}", key=secrets.token_urlsafe(24), model_dir=str(tiny_model)
+        name="tiny",
+        url=f"http://127.0.0.1:{free_port()}",
+        key=secrets.token_urlsafe(24),
+        model_dir=str(tiny_model),
+        manifest=str(tiny_manifest[0]),
+        publisher=tiny_manifest[1],
     )
     engine = LocalEngine(
         LocalEngineConfig(

@@ -44,12 +44,15 @@ def bastion(*args: str, check: bool = True, timeout: float = 120) -> subprocess.
 
 @dataclass
 class EngineRef:
-    """Where a deployment's engine is, and its key."""
+    """Where a deployment's engine is, and its key; with a manifest, its model is verified."""
 
     name: str
     url: str
     key: str
     model_dir: str = ""
+    manifest: str = ""
+    # (key id, public key file) of the publisher that signed the manifest.
+    publisher: tuple[str, str] | None = None
 
 
 def toml_value(value: Any) -> str:
@@ -69,7 +72,10 @@ def write_config(
     directory.mkdir(parents=True, exist_ok=True)
     secrets_dir = directory / "state" / "secrets"
     secrets_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"engine_python = {toml_value(engine_python)}", "", "[gateway]", f"port = {port}"]
+    lines = [f"engine_python = {toml_value(engine_python)}"]
+    for key_id, public_key in sorted({e.publisher for e in engines if e.publisher}):
+        lines += ["", "[[publishers]]", f"key_id = {toml_value(key_id)}", f"public_key = {toml_value(public_key)}"]
+    lines += ["", "[gateway]", f"port = {port}"]
     lines += [f"{k} = {toml_value(v)}" for k, v in (gateway or {}).items()]
     lines += ["", "[database]", f"url = {toml_value(database_url)}"]
     lines += [f"{k} = {toml_value(v)}" for k, v in (database or {}).items()]
@@ -77,6 +83,7 @@ def write_config(
         key_file = secrets_dir / f"engine-{e.name}.key"
         key_file.write_text(e.key)
         lines += ["", "[[deployments]]", f"name = {toml_value(e.name)}", f"engine_url = {toml_value(e.url)}"]
+        lines += [f"manifest = {toml_value(e.manifest)}"] if e.manifest else ["verify = false"]
         if e.model_dir:
             lines += [f"model_dir = {toml_value(e.model_dir)}", "[deployments.engine]", "max_model_len = 512"]
     path = directory / "bastion.toml"
@@ -119,13 +126,22 @@ class Gateway:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + "/healthz", timeout=1, verify=self.verify).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
+                    return self.wait_verified(deadline)
             time.sleep(0.1)
         raise AssertionError(f"gateway not up after {timeout}s:\n{self.log_path.read_text()}")
+
+    def model_states(self) -> dict[str, dict[str, Any]]:
+        return httpx.get(self.url + "/readyz", timeout=10, verify=self.verify).json()["checks"]["models"]
+
+    def wait_verified(self, deadline: float) -> Gateway:
+        """Wait until boot verification has settled (no model pending)."""
+        while time.monotonic() < deadline:
+            if all(m["status"] != "pending" for m in self.model_states().values()):
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"models still pending: {self.model_states()}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -71,7 +71,7 @@ def test_usage_and_config_errors_exit_2(tmp_path: Path, args: list[str], content
 
 def test_serve_without_engine_key_file_is_a_config_error(tmp_path: Path) -> None:
     config = tmp_path / "bastion.toml"
-    config.write_text('[[deployments]]\nname = "m"\nengine_url = "http://127.0.0.1:9"\n')
+    config.write_text('[[deployments]]\nname = "m"\nengine_url = "http://127.0.0.1:9"\nverify = false\n')
     result = subprocess.run([BASTION, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "engine key file" in result.stderr
 
@@ -110,10 +110,11 @@ def test_migrations_match_the_table_definitions(tmp_path: Path) -> None:
 
 @pytest.mark.engine
 def test_up_starts_engine_and_gateway_and_stops_both_on_ctrl_c(
-    tmp_path: Path, engine_python: str, tiny_model: Path
+    tmp_path: Path, engine_python: str, tiny_model: Path, tiny_manifest: tuple[Path, tuple[str, str]]
 ) -> None:
     port = free_port()
-    engine = EngineRef("tiny", f"http://127.0.0.1:{free_port()}", "engine-secret-key", model_dir=str(tiny_model))
+    engine = EngineRef("tiny", f"http://127.0.0.1:{free_port()}", "engine-secret-key", model_dir=str(tiny_model),
+                       manifest=str(tiny_manifest[0]), publisher=tiny_manifest[1])  # fmt: skip
     config = write_config(tmp_path, port=port, database_url="sqlite+aiosqlite:///state/bastion.db",
                           engines=[engine], engine_python=engine_python)  # fmt: skip
     bastion("db", "upgrade", "--config", str(config))
@@ -156,11 +157,61 @@ def test_up_starts_engine_and_gateway_and_stops_both_on_ctrl_c(
             proc.wait()
     db = tmp_path / "state" / "bastion.db"
     finals = [r for r in fetch_records(f"sqlite+aiosqlite:///{db}") if r["phase"] == "final"]
+    assert finals and finals[0]["manifest_sha256"] == events_digest(tiny_manifest[0])
     assert [r["http_status"] for r in finals] == [200]
     # The progress output names the engine and says it became healthy.
-    assert proc.stdout is not None and b"engine tiny: healthy" in proc.stdout.read()
+    output = proc.stdout.read() if proc.stdout else b""
+    assert b"model tiny: verified" in output and b"engine tiny: healthy" in output
+    # The gateway reused up's verification: one boot event, no second hashing pass.
+    events = [r for r in fetch_records(f"sqlite+aiosqlite:///{db}") if r["phase"] == "system"]
+    assert [(e["model"], e["outcome"]) for e in events] == [("tiny", "ok")]
 
 
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def events_digest(manifest_path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+
+
+def test_up_starts_no_engine_for_a_tampered_model(
+    tmp_path: Path, engine_python: str, tiny_model: Path, tiny_manifest: tuple[Path, tuple[str, str]]
+) -> None:
+    import shutil
+
+    folder = tmp_path / "tiny-copy"
+    shutil.copytree(tiny_model, folder)
+    (folder / "config.json").write_text((folder / "config.json").read_text().replace("128", "129"))
+    engine = EngineRef("tiny", f"http://127.0.0.1:{free_port()}", "k", model_dir=str(folder),
+                       manifest=str(tiny_manifest[0]), publisher=tiny_manifest[1])  # fmt: skip
+    config = write_config(tmp_path, port=free_port(), database_url="sqlite+aiosqlite:///state/bastion.db",
+                          engines=[engine], engine_python=engine_python)  # fmt: skip
+    bastion("db", "upgrade", "--config", str(config))
+    result = subprocess.run([BASTION, "up", "--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "model tiny: FAILED verification" in result.stderr and "config.json" in result.stderr
+    assert "engine tiny: starting" not in result.stderr
+
+
+@pytest.mark.engine
+def test_demo_model_is_converted_signed_and_verifies(tmp_path: Path, engine_python: str) -> None:
+    bastion("init", "--dir", str(tmp_path), "--engine-python", engine_python)
+    config = tmp_path / "bastion.toml"
+    bastion("demo-model", "--config", str(config), timeout=600)
+    model = tmp_path / "state" / "models" / "SmolLM2-135M-Instruct"
+    assert json.loads((model / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (model / "model.safetensors").stat().st_size > 200_000_000
+    text = config.read_text()
+    assert "[[publishers]]" in text and 'name = "smollm2"' in text and "manifest = " in text
+    manifest_file = tmp_path / "state" / "manifests" / "smollm2.manifest.json"
+    # Verified with the keys the config trusts, as the gateway and `up` will.
+    result = bastion("manifest", "verify", str(model), "--manifest", str(manifest_file), "--model", "smollm2",
+                     "--config", str(config), "--json")  # fmt: skip
+    assert json.loads(result.stdout)["ok"] is True
+    # Running it again changes nothing.
+    bastion("demo-model", "--config", str(config))
+    assert config.read_text() == text

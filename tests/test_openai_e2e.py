@@ -52,6 +52,7 @@ def test_stream_without_usage_request_still_audits_tokens_and_hides_usage_chunk(
         model="tiny", messages=[{"role": "user", "content": "Count to five"}], max_tokens=6, stream=True
     ) as response:
         request_id = response.headers["x-request-id"]
+        assert response.status_code == 200
         chunks = list(response.parse())
     assert chunks, "no chunks relayed"
     assert all(c.usage is None for c in chunks), "the usage chunk the client did not ask for must be stripped"
@@ -121,4 +122,6 @@ def test_readyz_reports_engine_and_audit_store(gw: Gateway) -> None:
 
     r = httpx.get(gw.url + "/readyz")
     assert r.status_code == 200
-    assert r.json()["checks"] == {"engines": {"tiny": "healthy"}, "audit_store": "writable"}
+    checks = r.json()["checks"]
+    assert checks["engines"] == {"tiny": "healthy"} and checks["audit_store"] == "writable"
+    assert checks["models"]["tiny"]["status"] == "verified" and checks["models"]["tiny"]["problems"] == []
