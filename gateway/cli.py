@@ -155,6 +155,19 @@ def init(config_path: Path, directory: str | None, engine_python: str, database_
     click.echo(f"state in {settings.state_path}; database migrated")
 
 
+def require_current_schema(settings: Settings) -> None:
+    """Refuse to serve on a database the code does not match (every audit write would fail)."""
+    try:
+        current = migrate.current_revision(settings.database_url())
+    except Exception as exc:
+        raise CheckFailed(f"cannot read the database: {type(exc).__name__}: {exc}") from None
+    head = migrate.head_revision()
+    if current != head:
+        raise UsageProblem(
+            f"the database is at revision {current}, this Bastion needs {head}: run `bastion db upgrade`"
+        )
+
+
 def _upgrade(settings: Settings) -> None:
     try:
         migrate.upgrade(settings.database_url())
@@ -520,6 +533,7 @@ def serve(config_path: Path) -> None:
             read_engine_key(settings, d.name)
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
+    require_current_schema(settings)
     server = make_server(settings)
     server.run()
     if not server.started:
@@ -542,6 +556,7 @@ def up(config_path: Path, engine_timeout: int) -> None:
     if not settings.deployments:
         raise UsageProblem("no deployments in the config (try `bastion demo-model`)")
     python = _engine_python(settings)
+    require_current_schema(settings)
     verified = _verify_before_start(settings)
     engines: list[LocalEngine] = []
     try:

@@ -76,6 +76,19 @@ def test_serve_without_engine_key_file_is_a_config_error(tmp_path: Path) -> None
     assert result.returncode == 2 and "engine key file" in result.stderr
 
 
+def test_serve_refuses_a_database_behind_the_code(tmp_path: Path) -> None:
+    from gateway import migrate
+
+    config = tmp_path / "bastion.toml"
+    config.write_text('[[deployments]]\nname = "m"\nengine_url = "http://127.0.0.1:9"\nverify = false\n')
+    (tmp_path / "state" / "secrets").mkdir(parents=True)
+    (tmp_path / "state" / "secrets" / "engine-m.key").write_text("k")
+    migrate.upgrade(f"sqlite+aiosqlite:///{tmp_path / 'state' / 'bastion.db'}", "0001")
+    result = subprocess.run([BASTION, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "revision 0001" in result.stderr and "bastion db upgrade" in result.stderr
+
+
 def test_config_error_names_the_field(tmp_path: Path) -> None:
     config = tmp_path / "bastion.toml"
     config.write_text("[gateway]\nport = 'eighty'\n")
