@@ -42,6 +42,7 @@ from gateway.summary import Kind, body_for_engine, summarize
 log = structlog.get_logger("bastion.call")
 
 INFERENCE_ROLES = frozenset({"user", "admin"})
+ADMIN_ROLES = frozenset({"admin"})
 JSON = "application/json"
 
 
@@ -152,22 +153,23 @@ async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Cal
 
 
 async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit`:
+    from Content-Length when given, else while counting a chunked body."""
+    too_large = PayloadTooLarge(
+        f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large"
+    )
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadRequest("Invalid Content-Length header.", audit_reason="bad_content_length")
         if int(declared) > limit:
-            raise PayloadTooLarge(
-                f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large"
-            )
+            raise too_large
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(
-                f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large"
-            )
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -290,17 +292,7 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
         return await refuse(svc, call, err)
     created = int(svc.started_at.timestamp())
     data = [{"id": name, "object": "model", "created": created, "owned_by": "bastion"} for name in svc.upstreams]
-    body = msgspec.json.encode({"object": "list", "data": data})
-    try:
-        await svc.audit.write(
-            call.final(outcome="ok", http_status=200, response_sha256=hashlib.sha256(body).hexdigest())
-        )
-    except AuditUnavailable as err:
-        return error_response(call, err)
-    return Response(body, media_type=JSON, headers=_headers(call))
-
-
-ADMIN_ROLES = frozenset({"admin"})
+    return await _answer(svc, call, msgspec.json.encode({"object": "list", "data": data}))
 
 
 async def verify_models(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
@@ -311,7 +303,13 @@ async def verify_models(request: Request[Any, Any, Any], svc: Services) -> Respo
         await svc.integrity.verify_all("admin")
     except GatewayError as err:
         return await refuse(svc, call, err)
-    body = msgspec.json.encode({"models": {n: s.public() for n, s in svc.integrity.states.items()}})
+    return await _answer(
+        svc, call, msgspec.json.encode({"models": {n: s.public() for n, s in svc.integrity.states.items()}})
+    )
+
+
+async def _answer(svc: Services, call: Call, body: bytes) -> Response[bytes]:
+    """Audit a successful call the gateway answers itself, then answer."""
     try:
         await svc.audit.write(
             call.final(outcome="ok", http_status=200, response_sha256=hashlib.sha256(body).hexdigest())

@@ -117,13 +117,14 @@ class Integrity:
                 bytes=result.bytes_hashed,
                 seconds=round(result.seconds, 3),
             )
+        kinds = sorted({p.kind for p in result.problems})
         detail = {
             "trigger": trigger,
             "key_id": result.key_id,
             "bytes": result.bytes_hashed,
             "duration_s": round(result.seconds, 3),
             "previous_status": previous,
-            "problem_kinds": sorted({p.kind for p in result.problems}),
+            "problem_kinds": kinds,
         }
         record = AuditRecord(
             request_id=uuid.uuid4().hex,
@@ -134,7 +135,7 @@ class Integrity:
             route="model.verify",
             model=d.name,
             outcome="ok" if result.ok else "failed",
-            error_type=None if result.ok else "integrity:" + ",".join(detail["problem_kinds"]),  # type: ignore[arg-type]
+            error_type=None if result.ok else "integrity:" + ",".join(kinds),
             error_message="; ".join(problems)[:4000] or None,
             latency_ms=result.seconds * 1000,
             manifest_sha256=result.manifest_sha256 or None,
