@@ -242,6 +242,20 @@ def signature_path(manifest_path: Path) -> Path:
     return Path(str(manifest_path) + ".sig")
 
 
+def write_signature(manifest_path: Path, data: bytes, key: Ed25519PrivateKey) -> Signature:
+    """Sign a manifest's bytes and write MANIFEST.sig beside it."""
+    sig = sign(data, key)
+    signature_path(manifest_path).write_bytes(msgspec.json.encode(sig))
+    return sig
+
+
+def write_signed(manifest: Manifest, manifest_path: Path, key: Ed25519PrivateKey) -> Signature:
+    """Write a manifest in canonical form and its signature."""
+    data = canonical(manifest)
+    manifest_path.write_bytes(data)
+    return write_signature(manifest_path, data, key)
+
+
 def _path_problems(files: list[ManifestFile]) -> list[Problem]:
     problems: list[Problem] = []
     seen: dict[str, str] = {}

@@ -368,8 +368,7 @@ def manifest_sign(config_path: Path, manifest_file: str, key_file: str) -> None:
         key = manifest.load_private_key(Path(key_file))
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
-    sig = manifest.sign(data, key)
-    manifest.signature_path(Path(manifest_file)).write_bytes(msgspec.json.encode(sig))
+    sig = manifest.write_signature(Path(manifest_file), data, key)
     click.echo(f"signed {manifest_file} with key {sig.key_id}")
 
 
@@ -451,9 +450,7 @@ def demo_model(config_path: Path, port: int) -> None:
         manifest_file.parent.mkdir(parents=True, exist_ok=True)
         with byte_progress("hashing", folder_bytes(out)) as progress:
             m = manifest.create_manifest(out, name=DEMO_NAME, version="SmolLM2-135M-Instruct-Q4_1", progress=progress)
-        data = manifest.canonical(m)
-        manifest_file.write_bytes(data)
-        manifest.signature_path(manifest_file).write_bytes(msgspec.json.encode(manifest.sign(data, key)))
+        manifest.write_signed(m, manifest_file, key)
         click.echo(f"wrote and signed {manifest_file} (key {key_id})")
     base = Path(settings.base_dir)
     rel = {p: (p.relative_to(base) if p.is_relative_to(base) else p) for p in (out, manifest_file, key_file)}

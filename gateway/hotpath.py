@@ -62,70 +62,65 @@ class AsyncHotPath:
         return None
 
 
+class _Lane:
+    """One thread and the one SQLite connection only it uses."""
+
+    def __init__(self, engine: sa.Engine, name: str):
+        self._engine = engine
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._conn: Connection | None = None
+
+    async def run(self, fn: Callable[[Connection], T]) -> T:
+        def call() -> T:
+            if self._conn is None:
+                self._conn = self._engine.connect()
+            conn = self._conn
+            try:
+                return fn(conn)
+            except BaseException:
+                # A broken connection is dropped; the next statement opens a new one.
+                self._conn = None
+                conn.invalidate()
+                raise
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def close(self) -> None:
+        def close_conn() -> None:
+            if self._conn is not None:
+                self._conn.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, close_conn)
+        self._pool.shutdown()
+
+
 class ThreadedSQLiteHotPath:
     def __init__(self, url: str, *, busy_timeout_ms: int):
         # Same file, sync pysqlite driver, the same durability pragmas.
-        sync_url = url.replace("sqlite+aiosqlite://", "sqlite://", 1)
-        # check_same_thread off only so close() may run on the writer thread;
-        # each connection is otherwise used by its own thread alone.
-        self._engine = sa.create_engine(sync_url, poolclass=sa.pool.NullPool, connect_args={"check_same_thread": False})
+        self._engine = sa.create_engine(url.replace("sqlite+aiosqlite://", "sqlite://", 1), poolclass=sa.pool.NullPool)
         sa.event.listen(self._engine, "connect", sqlite_pragmas(busy_timeout_ms))
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="audit-sqlite-writer")
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="keys-sqlite-reader")
-        self._write_conn: Connection | None = None
-        self._read_conn: Connection | None = None
-
-    async def _run(self, pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn)
-
-    def _reader_conn(self) -> Connection:
-        if self._read_conn is None:
-            self._read_conn = self._engine.connect()
-        return self._read_conn
-
-    def _writer_conn(self) -> Connection:
-        if self._write_conn is None:
-            self._write_conn = self._engine.connect()
-        return self._write_conn
+        self._writer = _Lane(self._engine, "audit-sqlite-writer")
+        self._reader = _Lane(self._engine, "keys-sqlite-reader")
 
     async def key_row(self, key_id: str) -> Row[Any] | None:
-        def fetch() -> Row[Any] | None:
-            conn = self._reader_conn()
-            try:
-                row = conn.execute(KEY_QUERY, {"key_id": key_id}).first()
-                conn.rollback()  # end the read transaction so the next read sees new commits
-                return row
-            except BaseException:
-                self._read_conn = None
-                conn.invalidate()
-                raise
+        def fetch(conn: Connection) -> Row[Any] | None:
+            row = conn.execute(KEY_QUERY, {"key_id": key_id}).first()
+            conn.rollback()  # end the read transaction so the next read sees new commits
+            return row
 
-        return await self._run(self._reader, fetch)
+        return await self._reader.run(fetch)
 
     async def insert_audit(self, rows: Sequence[dict[str, Any]]) -> None:
-        def write() -> None:
-            conn = self._writer_conn()
-            try:
-                conn.execute(sa.insert(audit_records), list(rows))
-                conn.commit()
-            except BaseException:
-                # A broken connection is dropped; the next batch opens a new one.
-                self._write_conn = None
-                conn.invalidate()
-                raise
+        def write(conn: Connection) -> None:
+            conn.execute(sa.insert(audit_records), list(rows))
+            conn.commit()
 
-        await self._run(self._writer, write)
+        await self._writer.run(write)
 
     async def close(self) -> None:
-        def close_all() -> None:
-            for conn in (self._read_conn, self._write_conn):
-                if conn is not None:
-                    conn.close()
-            self._engine.dispose()
-
-        await self._run(self._writer, close_all)
-        self._writer.shutdown()
-        self._reader.shutdown()
+        await self._writer.close()
+        await self._reader.close()
+        self._engine.dispose()
 
 
 def hot_path_for(url: str, engine: AsyncEngine, *, busy_timeout_ms: int) -> HotPath:

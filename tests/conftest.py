@@ -10,7 +10,6 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import msgspec
 import pytest
 from sqlalchemy import text
 
@@ -45,11 +44,9 @@ def tiny_manifest(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """The tiny model's manifest, signed by a publisher key made for the session."""
     folder = tmp_path_factory.mktemp("publisher")
     key_id = manifest.create_signing_key(folder / "publisher.key")
-    data = manifest.canonical(manifest.create_manifest(tiny_model, name="tiny", version="1"))
     path = folder / "tiny.manifest.json"
-    path.write_bytes(data)
-    sig = manifest.sign(data, manifest.load_private_key(folder / "publisher.key"))
-    manifest.signature_path(path).write_bytes(msgspec.json.encode(sig))
+    made = manifest.create_manifest(tiny_model, name="tiny", version="1")
+    manifest.write_signed(made, path, manifest.load_private_key(folder / "publisher.key"))
     return path, (key_id, str(folder / "publisher.key.pub"))
 
 

