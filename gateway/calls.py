@@ -22,7 +22,8 @@ import structlog
 from litestar import Request, Response
 from litestar.response import Stream
 
-from gateway.audit import AuditRecord, write_quietly
+from gateway.audit.record import AuditRecord
+from gateway.audit.writer import write_quietly
 from gateway.errors import (
     AuditUnavailable,
     BadRequest,
@@ -62,6 +63,8 @@ class Call:
     manifest_sha256: str | None = None
     stream: bool = False
     request_sha256: str | None = None
+    # Payload capture mode (none | hash | encrypted), set from the caller's team.
+    capture: str | None = None
 
     @classmethod
     def begin(cls, request: Request[Any, Any, Any]) -> Call:
@@ -92,8 +95,13 @@ class Call:
             manifest_sha256=self.manifest_sha256,
             stream=self.stream,
             request_sha256=self.request_sha256,
+            capture=self.capture,
             **fields,
         )
+
+    def digest(self, data: bytes) -> str | None:
+        """SHA-256 of a payload, unless the caller's team captures nothing."""
+        return None if self.capture == "none" else hashlib.sha256(data).hexdigest()
 
     def final(self, *, outcome: str, http_status: int, **fields: Any) -> AuditRecord:
         latency_ms = (time.perf_counter() - self.t0) * 1000
@@ -147,6 +155,7 @@ async def refuse(svc: Services, call: Call, err: GatewayError) -> Response[bytes
 async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Call, roles: frozenset[str]) -> Principal:
     principal = await svc.keys.authenticate(request.headers.get("authorization"))
     call.principal = principal
+    call.capture = svc.settings.audit.capture_for(principal.team)
     if principal.role not in roles:
         raise Forbidden(f"The role '{principal.role}' may not use {call.route}.", audit_reason="role_not_allowed")
     return principal
@@ -179,7 +188,7 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
     try:
         await authenticate(svc, request, call, INFERENCE_ROLES)
         body = await read_body(request, svc.settings.gateway.max_body_bytes)
-        call.request_sha256 = hashlib.sha256(body).hexdigest()
+        call.request_sha256 = call.digest(body)
         summary = summarize(kind, body)
         call.model, call.stream = summary.model, summary.stream
         upstream = svc.upstreams.get(summary.model)
@@ -194,14 +203,15 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
                 f"The model '{summary.model}' is not available: its integrity check is {state.status}.",
                 audit_reason=f"model_{state.status}",
             )
-        # Strict audit: nothing reaches the engine before this record is durable.
-        await svc.audit.write(call.record("intent"))
+        if svc.settings.audit.mode == "strict":
+            # Nothing reaches the engine before this record is durable.
+            await svc.audit.write(call.record("intent"))
         payload = body_for_engine(body, summary)
         if summary.stream:
             stream = await svc.forwarder.open_stream(upstream, path, payload)
             if stream.status == 200:
                 return Stream(
-                    _relay(svc, call, stream, strip_usage=not summary.client_wants_usage),
+                    _relay(svc, call, stream, body, strip_usage=not summary.client_wants_usage),
                     media_type="text/event-stream",
                     headers=_headers(call, {"cache-control": "no-cache"}),
                 )
@@ -209,9 +219,9 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
                 answer = await stream.read()
             finally:
                 stream.close()
-            return await _finish(svc, call, stream.status, answer)
+            return await _finish(svc, call, stream.status, body, answer)
         status, answer = await svc.forwarder.post(upstream, path, payload)
-        return await _finish(svc, call, status, answer)
+        return await _finish(svc, call, status, body, answer)
     except GatewayError as err:
         return await refuse(svc, call, err)
     except Exception:
@@ -219,9 +229,19 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
         return await refuse(svc, call, GatewayError("Internal gateway error.", audit_reason="internal_error"))
 
 
-async def _finish(svc: Services, call: Call, status: int, answer: bytes) -> Response[bytes]:
+def _captured(svc: Services, call: Call, request: bytes, response: bytes) -> list[dict[str, Any]]:
+    """Encrypted payload rows for a call whose team captures them; none otherwise."""
+    if call.capture != "encrypted" or svc.sealer is None:
+        return []
+    return [
+        svc.sealer.seal(call.request_id, "request", request),
+        svc.sealer.seal(call.request_id, "response", response),
+    ]
+
+
+async def _finish(svc: Services, call: Call, status: int, body: bytes, answer: bytes) -> Response[bytes]:
     """Audit a complete (non-streamed) engine answer, then hand it over."""
-    fields: dict[str, Any] = {"response_sha256": hashlib.sha256(answer).hexdigest()}
+    fields: dict[str, Any] = {"response_sha256": call.digest(answer)}
     if status == 200:
         usage = usage_of(answer)
         if usage is not None:
@@ -232,7 +252,9 @@ async def _finish(svc: Services, call: Call, status: int, answer: bytes) -> Resp
         fields.update(error_type=f"engine:{error_type}", error_message=message)
         outcome = "refused" if status < 500 else "error"
     try:
-        await svc.audit.write(call.final(outcome=outcome, http_status=status, **fields))
+        await svc.audit.write(
+            call.final(outcome=outcome, http_status=status, **fields), _captured(svc, call, body, answer)
+        )
     except AuditUnavailable as err:
         # The answer exists but cannot be accounted for: it is not served.
         return error_response(call, err)
@@ -247,9 +269,14 @@ class _StreamChunk(msgspec.Struct, frozen=True):
 _chunk_decoder = msgspec.json.Decoder(_StreamChunk)
 
 
-async def _relay(svc: Services, call: Call, stream: EngineStream, *, strip_usage: bool) -> AsyncIterator[bytes]:
+async def _relay(
+    svc: Services, call: Call, stream: EngineStream, body: bytes, *, strip_usage: bool
+) -> AsyncIterator[bytes]:
     """Relay the engine's events one by one; audit the outcome when the stream ends."""
     digest = hashlib.sha256()
+    # Encrypted capture keeps what was sent, up to the capture limit.
+    kept: list[bytes] | None = [] if call.capture == "encrypted" else None
+    room = svc.settings.audit.capture_max_bytes + 1
     usage: Usage | None = None
     outcome, error_type, error_message = "client_closed", None, None
     try:
@@ -260,6 +287,9 @@ async def _relay(svc: Services, call: Call, stream: EngineStream, *, strip_usage
                 if strip_usage and not chunk.choices:
                     continue  # the usage chunk the gateway asked for, not the client
             digest.update(event)
+            if kept is not None and room > 0:
+                kept.append(event[:room])
+                room -= len(kept[-1])
             yield event
         outcome = "ok"
     except GatewayError as err:
@@ -275,13 +305,13 @@ async def _relay(svc: Services, call: Call, stream: EngineStream, *, strip_usage
             error_message=error_message,
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
-            response_sha256=digest.hexdigest(),
+            response_sha256=None if call.capture == "none" else digest.hexdigest(),
         )
         # Closing drops the engine connection, so a client that went away
         # aborts the engine's work too. The record is written by a task, not an
         # await: this generator may be being cancelled, and the record must land.
         stream.close()
-        svc.spawn(write_quietly(svc.audit, record))
+        svc.spawn(write_quietly(svc.audit, record, _captured(svc, call, body, b"".join(kept or []))))
 
 
 async def list_models(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
@@ -311,9 +341,7 @@ async def verify_models(request: Request[Any, Any, Any], svc: Services) -> Respo
 async def _answer(svc: Services, call: Call, body: bytes) -> Response[bytes]:
     """Audit a successful call the gateway answers itself, then answer."""
     try:
-        await svc.audit.write(
-            call.final(outcome="ok", http_status=200, response_sha256=hashlib.sha256(body).hexdigest())
-        )
+        await svc.audit.write(call.final(outcome="ok", http_status=200, response_sha256=call.digest(body)))
     except AuditUnavailable as err:
         return error_response(call, err)
     return Response(body, media_type=JSON, headers=_headers(call))

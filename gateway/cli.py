@@ -8,8 +8,6 @@ progress while an engine loads.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import re
 import secrets
@@ -19,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import msgspec
@@ -27,58 +25,14 @@ from rich.console import Console
 from rich.table import Table
 
 from engine import manifest
-from gateway import logs, migrate
+from gateway import migrate
+from gateway.audit.capture import rotate_keyring
+from gateway.clikit import CheckFailed, UsageProblem, config_option, echo_json, err_console, run_async, settings_from
 from gateway.keys import ROLES, KeyStore, load_or_create_pepper, write_secret_file
-from gateway.settings import ConfigError, Settings, load_settings, resolve_config_path
+from gateway.settings import ConfigError, Settings
 
-F = TypeVar("F", bound=Callable[..., Any])
-err_console = Console(stderr=True)
 ENGINE_DIR = Path(__file__).resolve().parent.parent / "engine"
 DEMO_NAME = "smollm2"
-
-
-class CheckFailed(click.ClickException):
-    """The thing checked failed: exit code 1."""
-
-    exit_code = 1
-
-
-class UsageProblem(click.ClickException):
-    """Configuration or usage error: exit code 2."""
-
-    exit_code = 2
-
-
-def config_option(fn: F) -> F:
-    @click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="Config file (default: $BASTION_CONFIG, then ./bastion.toml).",
-    )
-    @functools.wraps(fn)
-    def wrapper(*args: Any, config_path: str | None, **kwargs: Any) -> Any:
-        return fn(*args, config_path=resolve_config_path(config_path), **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def settings_from(path: Path) -> Settings:
-    try:
-        settings = load_settings(path)
-    except ConfigError as exc:
-        raise UsageProblem(str(exc)) from None
-    logs.configure(settings.logging.level)
-    return settings
-
-
-def run_async(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-def echo_json(data: Any) -> None:
-    click.echo(msgspec.json.encode(data).decode())
 
 
 @click.group()
@@ -109,8 +63,18 @@ engine_read_timeout = 300.0
 url = {database_url}
 
 [audit]
+# strict: the call's intent is durable before the engine sees it; relaxed: one record after.
+mode = "strict"
 queue_max = 10000
 batch_max = 512
+# Signed checkpoints of the hash chain, also appended to the anchor file.
+checkpoint_every = 1000
+checkpoint_seconds = 10.0
+# anchor_file = "/mnt/worm/bastion-anchor.jsonl"   # default: state/audit-anchor.jsonl
+# Payload capture: none | hash | encrypted (AES-256-GCM, keyring in state/secrets).
+capture = "hash"
+# [audit.capture_teams]
+# claims = "encrypted"
 
 [logging]
 level = "info"
@@ -151,6 +115,11 @@ def init(config_path: Path, directory: str | None, engine_python: str, database_
     (settings.state_path / "secrets").mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.state_path.chmod(0o700)
     load_or_create_pepper(settings.key_pepper_file)
+    if not settings.audit_signing_key.exists():
+        key_id = manifest.create_signing_key(settings.audit_signing_key)
+        click.echo(f"audit signing key {key_id} in {settings.audit_signing_key}")
+    if not settings.audit_keyring_file.exists():
+        rotate_keyring(settings.audit_keyring_file)
     _upgrade(settings)
     click.echo(f"state in {settings.state_path}; database migrated")
 
@@ -238,14 +207,25 @@ def _parse_expiry(expires_in: str | None, expires_at: str | None) -> datetime | 
 @click.option("--team", default="", help="Team the key belongs to (policy and audit use it).")
 @click.option("--expires-in", default=None, help="Lifetime, e.g. 90d, 12h, 30m.")
 @click.option("--expires-at", default=None, help="Expiry as an ISO 8601 time.")
+@click.option("--can-decrypt", is_flag=True, help="Auditor keys only: may read captured payloads (audited).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def keys_create(
-    config_path: Path, name: str, role: str, team: str, expires_in: str | None, expires_at: str | None, as_json: bool
+    config_path: Path,
+    name: str,
+    role: str,
+    team: str,
+    expires_in: str | None,
+    expires_at: str | None,
+    can_decrypt: bool,
+    as_json: bool,
 ) -> None:
     """Create a key and print its secret (shown this once only)."""
     settings = settings_from(config_path)
     expiry = _parse_expiry(expires_in, expires_at)
-    new = _keystore_call(settings, lambda ks: ks.create(name=name, role=role, team=team, expires_at=expiry))  # type: ignore[arg-type]
+    new = _keystore_call(
+        settings,
+        lambda ks: ks.create(name=name, role=role, team=team, expires_at=expiry, can_decrypt=can_decrypt),  # type: ignore[arg-type]
+    )
     if as_json:
         echo_json({**msgspec.structs.asdict(new.info), "key": new.secret})
         return
@@ -522,12 +502,11 @@ def ensure_engine_key(settings: Settings, name: str) -> None:
 def serve(config_path: Path) -> None:
     """Run the gateway only (the engines run elsewhere)."""
     from gateway.server import make_server
-    from gateway.services import read_engine_key
+    from gateway.services import preflight
 
     settings = settings_from(config_path)
     try:
-        for d in settings.deployments:
-            read_engine_key(settings, d.name)
+        preflight(settings)
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
     require_current_schema(settings)
@@ -547,13 +526,17 @@ def up(config_path: Path, engine_timeout: int) -> None:
 
     from engine.local import EngineStartError, LocalEngine, LocalEngineConfig
     from gateway.server import make_server
-    from gateway.services import read_engine_key
+    from gateway.services import preflight, read_engine_key
 
     settings = settings_from(config_path)
     if not settings.deployments:
         raise UsageProblem("no deployments in the config (try `bastion demo-model`)")
     python = _engine_python(settings)
     require_current_schema(settings)
+    try:
+        preflight(settings, engine_keys=False)  # `up` writes the engine keys itself
+    except ConfigError as exc:
+        raise UsageProblem(str(exc)) from None
     verified = _verify_before_start(settings)
     engines: list[LocalEngine] = []
     try:

@@ -1,4 +1,4 @@
-"""The SQL statements on every call's path: look up a key, insert audit rows.
+"""The SQL statements on every call's path: look up a key, commit an audit batch.
 
 Two implementations behind one interface, chosen by the database URL:
 
@@ -17,14 +17,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.audit.record import GENESIS
 from gateway.db import is_sqlite, sqlite_pragmas
-from gateway.tables import api_keys, audit_records
+from gateway.tables import api_keys, audit_checkpoints, audit_payloads, audit_records
 
 T = TypeVar("T")
 
@@ -35,13 +37,62 @@ KEY_QUERY = sa.select(
     api_keys.c.secret_hash,
     api_keys.c.expires_at,
     api_keys.c.revoked_at,
+    api_keys.c.can_decrypt,
 ).where(api_keys.c.key_id == sa.bindparam("key_id"))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One group commit: chained records, the checkpoints due, encrypted payloads."""
+
+    records: Sequence[dict[str, Any]]
+    checkpoints: Sequence[dict[str, Any]] = ()
+    payloads: Sequence[dict[str, Any]] = ()
+
+
+@dataclass(frozen=True)
+class StreamTail:
+    seq: int
+    head: str
+    checkpointed: int  # -1 when the stream has no checkpoint yet
+
+
+def _statements(batch: Batch) -> list[tuple[sa.Table, Sequence[dict[str, Any]]]]:
+    """The statements of a batch, in order (the caller executes them in one transaction)."""
+    return [
+        (table, rows)
+        for table, rows in (
+            (audit_records, batch.records),
+            (audit_checkpoints, batch.checkpoints),
+            (audit_payloads, batch.payloads),
+        )
+        if rows
+    ]
+
+
+def _tail_queries(stream_id: str) -> tuple[sa.Select[Any], sa.Select[Any]]:
+    last = (
+        sa.select(audit_records.c.seq, audit_records.c.record_hash)
+        .where(audit_records.c.stream_id == stream_id)
+        .order_by(audit_records.c.seq.desc())
+        .limit(1)
+    )
+    checkpointed = sa.select(sa.func.max(audit_checkpoints.c.seq)).where(audit_checkpoints.c.stream_id == stream_id)
+    return last, checkpointed
+
+
+def _tail(last: Row[Any] | None, checkpointed: int | None) -> StreamTail:
+    if last is None:
+        return StreamTail(0, GENESIS, -1 if checkpointed is None else checkpointed)
+    return StreamTail(last.seq, last.record_hash, -1 if checkpointed is None else checkpointed)
 
 
 class HotPath(Protocol):
     async def key_row(self, key_id: str) -> Row[Any] | None: ...
 
-    async def insert_audit(self, rows: Sequence[dict[str, Any]]) -> None: ...
+    async def write_batch(self, batch: Batch) -> None: ...
+
+    async def stream_tail(self, stream_id: str) -> StreamTail: ...
 
     async def close(self) -> None: ...
 
@@ -54,9 +105,15 @@ class AsyncHotPath:
         async with self._engine.connect() as conn:
             return (await conn.execute(KEY_QUERY, {"key_id": key_id})).first()
 
-    async def insert_audit(self, rows: Sequence[dict[str, Any]]) -> None:
+    async def write_batch(self, batch: Batch) -> None:
         async with self._engine.begin() as conn:
-            await conn.execute(sa.insert(audit_records), list(rows))
+            for table, rows in _statements(batch):
+                await conn.execute(sa.insert(table), list(rows))
+
+    async def stream_tail(self, stream_id: str) -> StreamTail:
+        last, checkpointed = _tail_queries(stream_id)
+        async with self._engine.connect() as conn:
+            return _tail((await conn.execute(last)).first(), (await conn.execute(checkpointed)).scalar())
 
     async def close(self) -> None:
         return None
@@ -110,12 +167,23 @@ class ThreadedSQLiteHotPath:
 
         return await self._reader.run(fetch)
 
-    async def insert_audit(self, rows: Sequence[dict[str, Any]]) -> None:
+    async def write_batch(self, batch: Batch) -> None:
         def write(conn: Connection) -> None:
-            conn.execute(sa.insert(audit_records), list(rows))
+            for table, rows in _statements(batch):
+                conn.execute(sa.insert(table), list(rows))
             conn.commit()
 
         await self._writer.run(write)
+
+    async def stream_tail(self, stream_id: str) -> StreamTail:
+        last, checkpointed = _tail_queries(stream_id)
+
+        def read(conn: Connection) -> StreamTail:
+            tail = _tail(conn.execute(last).first(), conn.execute(checkpointed).scalar())
+            conn.rollback()
+            return tail
+
+        return await self._writer.run(read)
 
     async def close(self) -> None:
         await self._writer.close()

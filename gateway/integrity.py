@@ -19,9 +19,11 @@ from typing import Literal
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from engine.manifest import FolderPolicy, Progress, Verification, key_id_of, load_public_key, verify
-from gateway.audit import AuditRecord, AuditWriter, write_quietly
-from gateway.settings import ConfigError, Deployment, Settings
+from engine.manifest import FolderPolicy, Progress, Verification, verify
+from gateway.audit.record import AuditRecord
+from gateway.audit.writer import AuditWriter, write_quietly
+from gateway.settings import Deployment, Settings
+from gateway.trust import load_trusted
 
 log = structlog.get_logger("bastion.integrity")
 Status = Literal["pending", "verified", "failed", "unverified"]
@@ -44,18 +46,8 @@ class ModelState:
 
 
 def trusted_keys(settings: Settings) -> dict[str, Ed25519PublicKey]:
-    """The publishers' public keys by key id; a configured id must match its key."""
-    keys: dict[str, Ed25519PublicKey] = {}
-    for p in settings.publishers:
-        path = settings.path(p.public_key)
-        try:
-            key = load_public_key(path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"publisher {p.key_id}: cannot load {path}: {exc}") from None
-        if key_id_of(key) != p.key_id:
-            raise ConfigError(f"publisher {p.key_id}: {path} has key id {key_id_of(key)}")
-        keys[p.key_id] = key
-    return keys
+    """The model publishers' public keys by key id."""
+    return load_trusted(settings, settings.publishers, "publisher")
 
 
 def verify_deployment(

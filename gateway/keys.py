@@ -44,6 +44,8 @@ class Principal:
     name: str
     role: Role
     team: str
+    # Auditor keys may be allowed to read captured payloads in plaintext.
+    can_decrypt: bool = False
 
 
 class KeyInfo(msgspec.Struct, frozen=True):
@@ -54,6 +56,7 @@ class KeyInfo(msgspec.Struct, frozen=True):
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    can_decrypt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +108,16 @@ class KeyStore:
         self._pepper = pepper
         self._hot = hot or AsyncHotPath(engine)
 
-    async def create(self, *, name: str, role: Role, team: str = "", expires_at: datetime | None = None) -> NewKey:
+    async def create(
+        self, *, name: str, role: Role, team: str = "", expires_at: datetime | None = None, can_decrypt: bool = False
+    ) -> NewKey:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        if can_decrypt and role != "auditor":
+            raise ValueError("only auditor keys may decrypt captured payloads")
         key_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12))
         secret = secrets.token_urlsafe(32)
-        info = KeyInfo(key_id, name, role, team, _now(), expires_at, None)
+        info = KeyInfo(key_id, name, role, team, _now(), expires_at, None, can_decrypt)
         async with self._engine.begin() as conn:
             await conn.execute(
                 insert(api_keys).values(
@@ -121,6 +128,7 @@ class KeyStore:
                     secret_hash=hash_secret(self._pepper, secret),
                     created_at=info.created_at,
                     expires_at=expires_at,
+                    can_decrypt=can_decrypt,
                 )
             )
         return NewKey(info=info, secret=f"{KEY_PREFIX}_{key_id}_{secret}")
@@ -130,7 +138,16 @@ class KeyStore:
         async with self._engine.connect() as conn:
             rows = (await conn.execute(select(*cols).order_by(api_keys.c.created_at))).all()
         return [
-            KeyInfo(r.key_id, r.name, r.role, r.team, _aware(r.created_at), _aware(r.expires_at), _aware(r.revoked_at))  # type: ignore[arg-type]
+            KeyInfo(
+                r.key_id,
+                r.name,
+                r.role,
+                r.team,
+                _aware(r.created_at),  # type: ignore[arg-type]
+                _aware(r.expires_at),
+                _aware(r.revoked_at),
+                r.can_decrypt,
+            )
             for r in rows
         ]
 
@@ -179,4 +196,11 @@ class KeyStore:
             raise Unauthenticated(
                 "API key has expired.", code="expired_api_key", audit_reason="expired_key", claimed_key_id=key_id
             )
-        return Principal(auth_method="api_key", key_id=key_id, name=row.name, role=row.role, team=row.team)
+        return Principal(
+            auth_method="api_key",
+            key_id=key_id,
+            name=row.name,
+            role=row.role,
+            team=row.team,
+            can_decrypt=bool(row.can_decrypt) and row.role == "auditor",
+        )

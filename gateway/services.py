@@ -12,7 +12,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.manifest import Verification
-from gateway.audit import AuditWriter
+from gateway.audit.anchor import AnchorFile
+from gateway.audit.capture import KeyringError, Sealer, load_keyring
+from gateway.audit.chain import Signer
+from gateway.audit.writer import AuditWriter
 from gateway.db import create_engine
 from gateway.forward import Forwarder, Upstream
 from gateway.hotpath import HotPath, hot_path_for
@@ -32,6 +35,8 @@ class Services:
     # Routable models by the name clients use.
     upstreams: dict[str, Upstream]
     integrity: Integrity
+    # Encrypts captured payloads; None when no team's capture mode is "encrypted".
+    sealer: Sealer | None = None
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -43,7 +48,8 @@ class Services:
         url, busy_ms = settings.database_url(), settings.database.sqlite_busy_timeout_ms
         db = create_engine(url, sqlite_busy_timeout_ms=busy_ms)
         hot = hot_path_for(url, db, busy_timeout_ms=busy_ms)
-        audit = AuditWriter(hot, queue_max=settings.audit.queue_max, batch_max=settings.audit.batch_max)
+        audit = open_writer(settings, hot)
+        sealer = payload_sealer(settings)
         await audit.start()
         integrity = Integrity(settings, audit)
         g = settings.gateway
@@ -60,6 +66,7 @@ class Services:
             ),
             upstreams=upstreams,
             integrity=integrity,
+            sealer=sealer,
         )
         # Models stay unroutable (pending) until this finishes; the gateway answers meanwhile.
         svc.spawn(integrity.verify_all("boot", preverified))
@@ -81,6 +88,49 @@ class Services:
         await self.hot.close()
         await self.forwarder.close()
         await self.db.dispose()
+
+
+def load_signer(settings: Settings) -> Signer:
+    path = settings.audit_signing_key
+    try:
+        return Signer.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"audit signing key {path} not found (run `bastion init`)") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the audit signing key {path}: {exc}") from None
+
+
+def open_writer(settings: Settings, hot: HotPath) -> AuditWriter:
+    """This process's audit writer, on a stream of its own, signing with the audit key."""
+    a = settings.audit
+    return AuditWriter.for_process(
+        hot,
+        load_signer(settings),
+        AnchorFile(settings.audit_anchor_file),
+        every=a.checkpoint_every,
+        seconds=a.checkpoint_seconds,
+        queue_max=a.queue_max,
+        batch_max=a.batch_max,
+    )
+
+
+def payload_sealer(settings: Settings) -> Sealer | None:
+    a = settings.audit
+    if "encrypted" not in (a.capture, *a.capture_teams.values()):
+        return None
+    try:
+        return Sealer(load_keyring(settings.audit_keyring_file), a.capture_max_bytes)
+    except KeyringError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def preflight(settings: Settings, *, engine_keys: bool = True) -> None:
+    """Load every secret the gateway needs, so a missing one stops the start with a clear error."""
+    if engine_keys:
+        for d in settings.deployments:
+            read_engine_key(settings, d.name)
+    load_signer(settings)
+    payload_sealer(settings)
 
 
 def read_engine_key(settings: Settings, name: str) -> str:

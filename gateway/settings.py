@@ -46,12 +46,45 @@ class DatabaseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sqlite_busy_timeout_ms: int = 5000
 
 
+class TrustedKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An Ed25519 public key trusted for signatures (model publishers, audit checkpoints)."""
+
+    key_id: str
+    public_key: str  # PEM file of the Ed25519 public key
+
+
+CaptureMode = Literal["none", "hash", "encrypted"]
+
+
 class AuditSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # strict: an intent record is durable before the engine sees a call, the
+    # outcome record follows. relaxed: one record after the call (see docs/audit.md).
+    mode: Literal["strict", "relaxed"] = "strict"
     # Records waiting for the writer. When full, calls are refused with 503
     # instead of buffering without bound.
     queue_max: int = 10_000
     # Most records written in one transaction (group commit).
     batch_max: int = 512
+    # Sign the chain head every this many records, or this many seconds.
+    checkpoint_every: int = 1000
+    checkpoint_seconds: float = 10.0
+    # Ed25519 key that signs checkpoints (default: state/secrets/audit-signing.key).
+    signing_key: str = ""
+    # Keys `audit verify` trusts; default: the signing key's own .pub file.
+    trusted_keys: list[TrustedKey] = msgspec.field(default_factory=list)
+    # Append-only JSON lines of every checkpoint (default: state/audit-anchor.jsonl).
+    anchor_file: str = ""
+    # Payload capture: none | hash (SHA-256 of request and response) | encrypted.
+    capture: CaptureMode = "hash"
+    # Per-team capture mode, overriding `capture`: { "team-name" = "encrypted" }.
+    capture_teams: dict[str, CaptureMode] = msgspec.field(default_factory=dict)
+    # AES-256-GCM keyring for encrypted capture (default: state/secrets/audit-keyring.json).
+    keyring_file: str = ""
+    # Encrypted capture keeps at most this many bytes of each request and response.
+    capture_max_bytes: int = 16 * 1024 * 1024
+
+    def capture_for(self, team: str | None) -> CaptureMode:
+        return self.capture_teams.get(team, self.capture) if team else self.capture
 
 
 class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -86,13 +119,6 @@ class Deployment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.manifest_model or self.name
 
 
-class Publisher(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A model publisher whose manifest signatures the gateway trusts."""
-
-    key_id: str
-    public_key: str  # PEM file of the Ed25519 public key
-
-
 class IntegritySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Re-verify every model this often (seconds); 0 = only at boot, on SIGHUP
     # and on POST /admin/models/verify.
@@ -108,7 +134,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     integrity: IntegritySettings = msgspec.field(default_factory=IntegritySettings)
-    publishers: list[Publisher] = msgspec.field(default_factory=list)
+    # Model publishers whose manifest signatures the gateway trusts.
+    publishers: list[TrustedKey] = msgspec.field(default_factory=list)
     # The engine's own Python (vLLM lives there, never in the gateway's environment).
     engine_python: str = ""
     deployments: list[Deployment] = msgspec.field(default_factory=list)
@@ -127,6 +154,24 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def key_pepper_file(self) -> Path:
         return self.state_path / "secrets" / "api-key-pepper"
+
+    @property
+    def audit_signing_key(self) -> Path:
+        return (
+            self.path(self.audit.signing_key)
+            if self.audit.signing_key
+            else self.state_path / "secrets" / "audit-signing.key"
+        )
+
+    @property
+    def audit_anchor_file(self) -> Path:
+        return self.path(self.audit.anchor_file) if self.audit.anchor_file else self.state_path / "audit-anchor.jsonl"
+
+    @property
+    def audit_keyring_file(self) -> Path:
+        if self.audit.keyring_file:
+            return self.path(self.audit.keyring_file)
+        return self.state_path / "secrets" / "audit-keyring.json"
 
     def database_url(self) -> str:
         """The database URL with a relative SQLite path resolved against base_dir."""
@@ -187,8 +232,12 @@ def _check(settings: Settings, path: Path) -> None:
         raise ConfigError(f"{path}: deployment names repeat: {', '.join(sorted(duplicates))}")
     if bool(settings.gateway.tls_cert) != bool(settings.gateway.tls_key):
         raise ConfigError(f"{path}: gateway.tls_cert and gateway.tls_key must be set together")
-    if settings.audit.queue_max < 1 or settings.audit.batch_max < 1:
-        raise ConfigError(f"{path}: audit.queue_max and audit.batch_max must be at least 1")
+    a = settings.audit
+    if min(a.queue_max, a.batch_max, a.checkpoint_every, a.capture_max_bytes) < 1 or a.checkpoint_seconds <= 0:
+        raise ConfigError(
+            f"{path}: audit.queue_max, batch_max, checkpoint_every, capture_max_bytes and checkpoint_seconds"
+            " must be positive"
+        )
     for d in settings.deployments:
         if not d.engine_url.startswith(("http://", "https://")):
             raise ConfigError(f"{path}: deployment {d.name!r}: engine_url must be http:// or https://")

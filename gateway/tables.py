@@ -8,13 +8,16 @@ a test, so the two cannot drift apart.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -35,12 +38,21 @@ api_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+    # Auditor keys only: may read captured payloads in plaintext (each read is audited).
+    Column("can_decrypt", Boolean, nullable=False, server_default="0"),
 )
 
 audit_records = Table(
     "audit_records",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
+    # The hash chain (gateway.audit.chain): one stream per writing process,
+    # numbered from 1; each record hashes all its fields and its predecessor's hash.
+    # Nullable only for rows written before the chain existed (migration 0003).
+    Column("stream_id", String(32), nullable=True),
+    Column("seq", BigInteger, nullable=True),
+    Column("prev_hash", String(64), nullable=True),
+    Column("record_hash", String(64), nullable=True),
     Column("request_id", String(64), nullable=False),
     # intent: written before the engine sees the call; final: the outcome.
     # A refused call has only a final record.
@@ -69,11 +81,51 @@ audit_records = Table(
     Column("response_sha256", String(64), nullable=True),
     # The manifest digest of the model that served the call (or was verified).
     Column("manifest_sha256", String(64), nullable=True),
+    # Payload capture for this call: none | hash | encrypted (see audit_payloads).
+    Column("capture", String(16), nullable=True),
     # System events (phase "system"): a small JSON object of event details.
     Column("detail", Text, nullable=True),
+    Index("uq_audit_records_stream_seq", "stream_id", "seq", unique=True),
     Index("ix_audit_records_request_id", "request_id"),
-    Index("ix_audit_records_started_at", "started_at"),
-    Index("ix_audit_records_key_id_started_at", "key_id", "started_at"),
+    # Auditor queries page newest-first by (started_at, id), optionally narrowed
+    # to one key, team or model: each has an index in exactly that order, so a
+    # page is an index range scan however large the table grows.
+    Index("ix_audit_records_started_at_id", "started_at", "id"),
+    Index("ix_audit_records_key_started", "key_id", "started_at", "id"),
+    Index("ix_audit_records_team_started", "team", "started_at", "id"),
+    Index("ix_audit_records_model_started", "model", "started_at", "id"),
+)
+
+# Signed checkpoints: (stream, seq, hash, time) under the audit signing key.
+# Also appended to the external anchor file (gateway.audit.anchor).
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("stream_id", String(32), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("record_hash", String(64), nullable=False),
+    Column("signed_at", DateTime(timezone=True), nullable=False),
+    # The stream's last checkpoint, written when its process stopped cleanly.
+    Column("closed", Boolean, nullable=False, server_default="0"),
+    Column("key_id", String(32), nullable=False),
+    Column("signature", String(128), nullable=False),
+    PrimaryKeyConstraint("stream_id", "seq", name="pk_audit_checkpoints"),
+)
+
+# Encrypted payloads (capture mode "encrypted"): AES-256-GCM under a keyring
+# key; the chained record's request/response SHA-256 vouches for the plaintext.
+audit_payloads = Table(
+    "audit_payloads",
+    metadata,
+    Column("request_id", String(64), nullable=False),
+    Column("part", String(16), nullable=False),  # request | response
+    Column("key_id", String(32), nullable=False),
+    Column("nonce", LargeBinary, nullable=False),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("size", Integer, nullable=False),
+    # The captured bytes stop at audit.capture_max_bytes.
+    Column("truncated", Boolean, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("request_id", "part", name="pk_audit_payloads"),
 )
 
 # One row per gateway instance: /readyz proves the store is writable by

@@ -129,6 +129,7 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         database_url: str | None = None,
         gateway: dict[str, object] | None = None,
         database: dict[str, object] | None = None,
+        audit: dict[str, object] | None = None,
         start: bool = True,
     ) -> Gateway:
         nonlocal count
@@ -137,7 +138,7 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         db_url = database_url or f"sqlite+aiosqlite:///{directory / 'state' / 'bastion.db'}"
         port = free_port()
         config = write_config(
-            directory, port=port, database_url=db_url, engines=engines, gateway=gateway, database=database
+            directory, port=port, database_url=db_url, engines=engines, gateway=gateway, database=database, audit=audit
         )
         migrate.upgrade(db_url)
         tls_cert = (gateway or {}).get("tls_cert")
@@ -159,7 +160,11 @@ def fresh_pg_url(pg_url: str) -> Iterator[str]:
         engine = create_engine(pg_url)
         try:
             async with engine.begin() as conn:
-                await conn.execute(text("TRUNCATE audit_records, api_keys, gateway_heartbeat RESTART IDENTITY"))
+                await conn.execute(
+                    text(
+                        "TRUNCATE audit_records, audit_checkpoints, audit_payloads, api_keys, gateway_heartbeat RESTART IDENTITY"
+                    )
+                )
         finally:
             await engine.dispose()
 

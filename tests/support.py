@@ -23,6 +23,7 @@ import httpx
 import openai
 from sqlalchemy import select
 
+from engine import manifest
 from gateway.db import create_engine
 from gateway.tables import audit_records
 
@@ -67,11 +68,14 @@ def write_config(
     engines: list[EngineRef],
     gateway: dict[str, Any] | None = None,
     database: dict[str, Any] | None = None,
+    audit: dict[str, Any] | None = None,
     engine_python: str = "",
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     secrets_dir = directory / "state" / "secrets"
     secrets_dir.mkdir(parents=True, exist_ok=True)
+    if not (secrets_dir / "audit-signing.key").exists():
+        manifest.create_signing_key(secrets_dir / "audit-signing.key")
     lines = [f"engine_python = {toml_value(engine_python)}"]
     for key_id, public_key in sorted({e.publisher for e in engines if e.publisher}):
         lines += ["", "[[publishers]]", f"key_id = {toml_value(key_id)}", f"public_key = {toml_value(public_key)}"]
@@ -79,6 +83,11 @@ def write_config(
     lines += [f"{k} = {toml_value(v)}" for k, v in (gateway or {}).items()]
     lines += ["", "[database]", f"url = {toml_value(database_url)}"]
     lines += [f"{k} = {toml_value(v)}" for k, v in (database or {}).items()]
+    lines += ["", "[audit]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (audit or {}).items() if not isinstance(v, dict)]
+    for k, v in (audit or {}).items():
+        if isinstance(v, dict):
+            lines += ["", f"[audit.{k}]"] + [f"{toml_value(kk)} = {toml_value(vv)}" for kk, vv in v.items()]
     for e in engines:
         key_file = secrets_dir / f"engine-{e.name}.key"
         key_file.write_text(e.key)

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine import manifest
 from tests.support import BASTION, EngineRef, bastion, fetch_records, free_port, write_config
 
 
@@ -84,7 +85,12 @@ def test_serve_refuses_a_database_behind_the_code(tmp_path: Path) -> None:
     (tmp_path / "state" / "secrets").mkdir(parents=True)
     (tmp_path / "state" / "secrets" / "engine-m.key").write_text("k")
     migrate.upgrade(f"sqlite+aiosqlite:///{tmp_path / 'state' / 'bastion.db'}", "0001")
-    result = subprocess.run([BASTION, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    serve = [BASTION, "serve", "--config", str(config)]
+    result = subprocess.run(serve, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "audit signing key" in result.stderr and "bastion init" in result.stderr
+    manifest.create_signing_key(tmp_path / "state" / "secrets" / "audit-signing.key")
+    result = subprocess.run(serve, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "revision 0001" in result.stderr and "bastion db upgrade" in result.stderr
 

@@ -1,0 +1,98 @@
+"""One audit record: its fields, its canonical encoding and its hash.
+
+The hash of a record covers every column except the database's own row id and
+the hash itself, so changing any field a reader sees breaks it. The encoding is
+a JSON array in a fixed field order (not an object, so key order cannot vary),
+with timestamps written one way (`2026-11-24T23:45:12.123456Z`): the same
+record read back from SQLite or PostgreSQL encodes to the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from sqlalchemy import String
+
+from gateway.tables import audit_records
+
+HASH_VERSION = "bastion-audit/v1"
+GENESIS = "0" * 64  # the `prev_hash` of a stream's first record
+
+
+class AuditRecord(msgspec.Struct, kw_only=True):
+    """What the gateway knows about one event. Field names match the columns."""
+
+    request_id: str
+    phase: str  # intent | final | system
+    started_at: datetime
+    method: str
+    route: str
+    ended_at: datetime | None = None
+    auth_method: str | None = None
+    key_id: str | None = None
+    key_name: str | None = None
+    team: str | None = None
+    role: str | None = None
+    client_addr: str | None = None
+    model: str | None = None
+    stream: bool = False
+    outcome: str | None = None  # ok | refused | error | client_closed
+    http_status: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float | None = None
+    request_sha256: str | None = None
+    response_sha256: str | None = None
+    manifest_sha256: str | None = None
+    # Payload capture used for this call: none | hash | encrypted.
+    capture: str | None = None
+    detail: str | None = None
+
+
+# The chain's own fields come first; then every record field, in declaration order.
+CHAIN_FIELDS = ("stream_id", "seq", "prev_hash")
+HASHED_FIELDS: tuple[str, ...] = CHAIN_FIELDS + AuditRecord.__struct_fields__
+
+# Column widths, so a long value (a client's 10 kB "model" name) is cut to fit
+# instead of failing the whole group commit on PostgreSQL.
+_WIDTHS = {c.name: c.type.length for c in audit_records.columns if isinstance(c.type, String) and c.type.length}
+
+
+def iso(value: datetime) -> str:
+    """The one text form of a timestamp; naive values are UTC (SQLite drops the zone)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _fit(value: Any, width: int | None) -> Any:
+    if not isinstance(value, str):
+        return value
+    # PostgreSQL text cannot hold NUL; replacing it keeps the record writable.
+    value = value.replace("\x00", "\ufffd")
+    return value[:width] if width else value
+
+
+def row_of(record: AuditRecord) -> dict[str, Any]:
+    """The record as a column dict, every string made storable as is."""
+    row = msgspec.structs.asdict(record)
+    return {k: _fit(v, _WIDTHS.get(k)) for k, v in row.items()}
+
+
+def canonical(values: Sequence[Any]) -> bytes:
+    """Canonical bytes of a record given its values in HASHED_FIELDS order."""
+    return msgspec.json.encode([HASH_VERSION, *(iso(v) if isinstance(v, datetime) else v for v in values)])
+
+
+def record_hash(values: Sequence[Any]) -> str:
+    return hashlib.sha256(canonical(values)).hexdigest()
+
+
+def hash_row(row: dict[str, Any]) -> str:
+    return record_hash([row[name] for name in HASHED_FIELDS])

@@ -1,0 +1,367 @@
+"""Verify the audit trail: every stream's chain, its checkpoints, and the anchor.
+
+For each stream the records are read in `seq` order and checked one by one:
+
+- numbering: a gap means records were **deleted**; a repeated number, **inserted**;
+- link: `prev_hash` must be the previous record's hash. When it is the hash of
+  the record *two* back, the one in between was **inserted**; when it is the
+  hash of a record that comes *later*, the order was changed (**reordered**);
+  when it matches nothing, the previous record was **modified** (its hash redone);
+- self: the record's hash, recomputed over its fields, must match (**modified**).
+
+Then the signed checkpoints (from SQL and from the anchor file, each checked on
+its own): a checkpoint key nobody trusts is an **unknown key**, a signature
+that does not verify a **bad signature**, a checkpoint beyond the last record
+means the tail was **truncated**, one whose hash differs from the record at its
+seq means the records up to it were rewritten (**modified**), and records after
+a `closed` checkpoint were **inserted**. A checkpoint in the anchor but not in
+SQL was **deleted**. Records missing at a stream's start are fine only when a
+signed prune (anchor) covers them.
+
+An intent record without an outcome record is an *incomplete call* (the gateway
+stopped mid-call), reported beside the result, not as tampering. Records after
+the last checkpoint of a stream that did not close cleanly are *unanchored*:
+the chain vouches for their order, but no signature yet for their existence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.audit.anchor import AnchorError, AnchorFile
+from gateway.audit.chain import Checkpoint, Prune, signature_valid
+from gateway.audit.record import GENESIS, HASHED_FIELDS, record_hash
+from gateway.tables import audit_checkpoints, audit_records
+
+
+class Kind(StrEnum):
+    MODIFIED = "modified"
+    DELETED = "deleted"
+    INSERTED = "inserted"
+    REORDERED = "reordered"
+    TRUNCATED = "truncated"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_KEY = "unknown_key"
+    ANCHOR_MISSING = "anchor_missing"
+
+
+# When two findings share a seq, the more specific explanation wins.
+_PRECEDENCE = {
+    Kind.REORDERED: 0,
+    Kind.INSERTED: 1,
+    Kind.DELETED: 2,
+    Kind.TRUNCATED: 3,
+    Kind.MODIFIED: 4,
+    Kind.UNKNOWN_KEY: 5,
+    Kind.BAD_SIGNATURE: 6,
+    Kind.ANCHOR_MISSING: 7,
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    stream_id: str
+    seq: int
+    kind: Kind
+    detail: str
+
+    def public(self) -> dict[str, Any]:
+        return {"stream_id": self.stream_id, "seq": self.seq, "kind": str(self.kind), "detail": self.detail}
+
+
+@dataclass
+class StreamResult:
+    stream_id: str
+    records: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    checkpoints: int = 0
+    closed: bool = False
+    unanchored: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def first_problem(self) -> Problem | None:
+        return min(self.problems, key=lambda p: (p.seq, _PRECEDENCE[p.kind]), default=None)
+
+    def public(self) -> dict[str, Any]:
+        first = self.first_problem
+        return {
+            "stream_id": self.stream_id,
+            "records": self.records,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "checkpoints": self.checkpoints,
+            "closed": self.closed,
+            "unanchored_records": self.unanchored,
+            "intact": first is None,
+            "first_problem": first.public() if first else None,
+            "problems": len(self.problems),
+        }
+
+
+@dataclass
+class Report:
+    streams: list[StreamResult]
+    incomplete_calls: list[str]
+    records: int
+    seconds: float
+    trail_problems: list[Problem] = field(default_factory=list)  # not tied to one stream (the anchor)
+    legacy_records: int = 0  # rows from before the chain existed
+
+    @property
+    def intact(self) -> bool:
+        return not self.trail_problems and all(not s.problems for s in self.streams)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "intact": self.intact,
+            "records": self.records,
+            "streams": [s.public() for s in self.streams],
+            "problems": [p.public() for p in self.trail_problems],
+            "incomplete_calls": self.incomplete_calls,
+            "legacy_unchained_records": self.legacy_records,
+            "seconds": round(self.seconds, 3),
+            "records_per_second": round(self.records / self.seconds) if self.seconds > 0 else None,
+        }
+
+
+@dataclass
+class _Signed:
+    """Checkpoints and prunes of one stream, each checked on its own."""
+
+    checkpoints: dict[int, Checkpoint] = field(default_factory=dict)  # valid ones, by seq
+    sql_seqs: set[int] = field(default_factory=set)
+    anchor_seqs: set[int] = field(default_factory=set)
+    pruned_through: int = 0
+
+
+def _check_signed(
+    stream_id: str,
+    sql: Iterable[Checkpoint],
+    anchored: Iterable[Checkpoint],
+    prunes: Iterable[Prune],
+    trusted: dict[str, Ed25519PublicKey],
+    problems: list[Problem],
+) -> _Signed:
+    signed = _Signed()
+
+    def valid(item: Checkpoint | Prune, seq: int, where: str) -> bool:
+        key = trusted.get(item.key_id)
+        if key is None:
+            problems.append(Problem(stream_id, seq, Kind.UNKNOWN_KEY, f"{where} signed by untrusted key {item.key_id}"))
+            return False
+        if not signature_valid(item, key):
+            problems.append(Problem(stream_id, seq, Kind.BAD_SIGNATURE, f"{where} signature does not verify"))
+            return False
+        return True
+
+    for source, items, seqs in (
+        ("checkpoint", sql, signed.sql_seqs),
+        ("anchored checkpoint", anchored, signed.anchor_seqs),
+    ):
+        for cp in items:
+            seqs.add(cp.seq)
+            if not valid(cp, cp.seq, source):
+                continue
+            known = signed.checkpoints.get(cp.seq)
+            if known is not None and (known.record_hash, known.closed) != (cp.record_hash, cp.closed):
+                problems.append(Problem(stream_id, cp.seq, Kind.MODIFIED, "two signed checkpoints disagree"))
+            signed.checkpoints.setdefault(cp.seq, cp)
+    for prune in prunes:
+        if valid(prune, prune.through, "prune"):
+            signed.pruned_through = max(signed.pruned_through, prune.through)
+    for seq in sorted(signed.anchor_seqs - signed.sql_seqs):
+        if seq > signed.pruned_through:
+            problems.append(Problem(stream_id, seq, Kind.DELETED, "checkpoint in the anchor but not in the database"))
+    return signed
+
+
+class StreamVerifier:
+    """Check one stream, fed its records in seq order: `add(row)` each, then `finish()`.
+
+    A row is (*HASHED_FIELDS values, record_hash). Memory stays flat however
+    long the stream: only the last two hashes and open findings are kept.
+    """
+
+    _SEQ, _PREV, _HASH = HASHED_FIELDS.index("seq"), HASHED_FIELDS.index("prev_hash"), len(HASHED_FIELDS)
+    _REQUEST, _PHASE = HASHED_FIELDS.index("request_id"), HASHED_FIELDS.index("phase")
+
+    def __init__(
+        self,
+        stream_id: str,
+        *,
+        trusted: dict[str, Ed25519PublicKey],
+        sql_checkpoints: Iterable[Checkpoint] = (),
+        anchor_checkpoints: Iterable[Checkpoint] = (),
+        prunes: Iterable[Prune] = (),
+    ):
+        self.result = StreamResult(stream_id)
+        self._signed = _check_signed(
+            stream_id, sql_checkpoints, anchor_checkpoints, prunes, trusted, self.result.problems
+        )
+        self.result.checkpoints = len(self._signed.checkpoints)
+        # Where the chain starts: at 1, or just after a signed prune point.
+        self._start = self._signed.pruned_through
+        self._base = self._signed.checkpoints.get(self._start)
+        self._expected_seq = self._start + 1
+        self._expected_prev: str | None = (
+            GENESIS if self._start == 0 else (self._base.record_hash if self._base else None)
+        )
+        self._before_prev: str | None = None  # the hash two back, to recognise an inserted record
+        self._stored_at: dict[int, str] = {}  # stored hashes at checkpointed seqs
+        self._unexplained: dict[str, int] = {}  # prev_hash values that matched nothing yet -> seq
+        self.open_intents: set[str] = set()
+        self._last_hash: str | None = None
+
+    def _problem(self, seq: int, kind: Kind, detail: str) -> None:
+        self.result.problems.append(Problem(self.result.stream_id, seq, kind, detail))
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        seq, prev, stored = row[self._SEQ], row[self._PREV], row[self._HASH]
+        r = self.result
+        if r.first_seq is None:
+            r.first_seq = seq
+        r.records += 1
+        if stored in self._unexplained:  # an earlier link pointed forward to this record
+            self._problem(self._unexplained.pop(stored), Kind.REORDERED, "records out of order")
+        if seq > self._expected_seq:
+            self._problem(self._expected_seq, Kind.DELETED, f"records {self._expected_seq}..{seq - 1} are missing")
+        elif seq < self._expected_seq:
+            self._problem(seq, Kind.INSERTED, "sequence number repeats")
+        elif self._expected_prev is not None and prev != self._expected_prev:
+            if prev == self._before_prev:
+                self._problem(seq - 1, Kind.INSERTED, "record not linked from its successor")
+            else:
+                self._unexplained[prev] = seq
+        if record_hash(row[: self._HASH]) != stored:
+            self._problem(seq, Kind.MODIFIED, "record hash does not match its fields")
+        if seq in self._signed.checkpoints:
+            self._stored_at[seq] = stored
+        phase = row[self._PHASE]
+        if phase == "intent":
+            self.open_intents.add(row[self._REQUEST])
+        elif phase == "final":
+            self.open_intents.discard(row[self._REQUEST])
+        self._before_prev, self._expected_prev, self._last_hash = self._expected_prev, stored, stored
+        self._expected_seq = max(self._expected_seq, seq + 1)
+        r.last_seq = seq
+
+    def finish(self) -> StreamResult:
+        r, signed = self.result, self._signed
+        for seq in self._unexplained.values():
+            self._problem(seq - 1, Kind.MODIFIED, f"record {seq - 1} changed: its successor's link breaks")
+        last = r.last_seq if r.last_seq is not None else self._start
+        if self._start > 0 and self._base is None:
+            self._problem(self._start, Kind.DELETED, "no signed checkpoint at the prune point")
+        for seq, cp in sorted(signed.checkpoints.items()):
+            if seq <= self._start:
+                continue
+            if seq > last:
+                self._problem(last + 1, Kind.TRUNCATED, f"checkpoint at {seq} but the stream ends at {last}")
+                break
+            if seq in self._stored_at and self._stored_at[seq] != cp.record_hash:
+                self._problem(seq, Kind.MODIFIED, "records up to this checkpoint were rewritten")
+            if cp.closed and last > seq:
+                self._problem(seq + 1, Kind.INSERTED, "records after the stream was closed")
+        final = signed.checkpoints.get(max(signed.checkpoints, default=-1))
+        r.closed = bool(final and final.closed and final.seq == last and final.record_hash == self._last_hash)
+        r.unanchored = 0 if r.closed else max(0, last - max(signed.checkpoints, default=0))
+        return r
+
+
+# ----------------------------------------------------------------- reading SQL
+
+_RECORD_COLUMNS = [audit_records.c[name] for name in HASHED_FIELDS] + [audit_records.c.record_hash]
+_CHECKPOINT_COLUMNS = [audit_checkpoints.c[name] for name in Checkpoint.__struct_fields__]
+
+
+async def _records(engine: AsyncEngine, chunk: int = 5000) -> AsyncIterator[tuple[Any, ...]]:
+    """Every chained record ordered by (stream, seq), read in keyset pages."""
+    query = sa.select(*_RECORD_COLUMNS).where(audit_records.c.stream_id.is_not(None))
+    order = (audit_records.c.stream_id, audit_records.c.seq)
+    after: tuple[str, int] | None = None
+    while True:
+        q = query if after is None else query.where(sa.tuple_(*order) > sa.tuple_(*after))
+        async with engine.connect() as conn:
+            rows = (await conn.execute(q.order_by(*order).limit(chunk))).all()
+        for row in rows:
+            yield tuple(row)
+        if len(rows) < chunk:
+            return
+        after = (rows[-1].stream_id, rows[-1].seq)
+
+
+async def verify_trail(engine: AsyncEngine, trusted: dict[str, Ed25519PublicKey], anchor: AnchorFile | None) -> Report:
+    """Verify every stream in the database (and every stream the anchor knows)."""
+    t0 = time.perf_counter()
+    async with engine.connect() as conn:
+        cps = [Checkpoint(**row._mapping) for row in (await conn.execute(sa.select(*_CHECKPOINT_COLUMNS))).all()]
+        legacy = (
+            await conn.execute(sa.select(sa.func.count()).where(audit_records.c.stream_id.is_(None)))
+        ).scalar_one()
+    trail_problems: list[Problem] = []
+    anchored: list[Checkpoint] = []
+    prunes: list[Prune] = []
+    if anchor is not None:
+        try:
+            anchored, prunes, bad_lines = anchor.read()
+        except AnchorError as exc:
+            if cps:
+                trail_problems.append(Problem("-", 0, Kind.ANCHOR_MISSING, str(exc)))
+            bad_lines = []
+        trail_problems += [Problem("-", 0, Kind.ANCHOR_MISSING, f"unreadable anchor {b}") for b in bad_lines]
+
+    def by_stream(items: Iterable[Any]) -> dict[str, list[Any]]:
+        grouped: dict[str, list[Any]] = {}
+        for item in items:
+            grouped.setdefault(item.stream_id, []).append(item)
+        return grouped
+
+    sql_by, anchor_by, prune_by = by_stream(cps), by_stream(anchored), by_stream(prunes)
+    incomplete: set[str] = set()
+    results: dict[str, StreamResult] = {}
+
+    def verifier(stream_id: str) -> StreamVerifier:
+        return StreamVerifier(
+            stream_id,
+            trusted=trusted,
+            sql_checkpoints=sql_by.get(stream_id, ()),
+            anchor_checkpoints=anchor_by.get(stream_id, ()),
+            prunes=prune_by.get(stream_id, ()),
+        )
+
+    def done(v: StreamVerifier) -> None:
+        results[v.result.stream_id] = v.finish()
+        incomplete.update(v.open_intents)
+
+    # Records arrive in (stream, seq) order and are checked as they stream past.
+    i_stream = HASHED_FIELDS.index("stream_id")
+    current: StreamVerifier | None = None
+    async for row in _records(engine):
+        if current is None or row[i_stream] != current.result.stream_id:
+            if current is not None:
+                done(current)
+            current = verifier(row[i_stream])
+        current.add(row)
+    if current is not None:
+        done(current)
+    for stream_id in (set(sql_by) | set(anchor_by) | set(prune_by)) - set(results):
+        done(verifier(stream_id))
+    streams = sorted(results.values(), key=lambda r: r.stream_id)
+    return Report(
+        streams=streams,
+        incomplete_calls=sorted(incomplete),
+        records=sum(s.records for s in streams),
+        seconds=time.perf_counter() - t0,
+        trail_problems=trail_problems,
+        legacy_records=legacy,
+    )

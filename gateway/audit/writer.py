@@ -1,0 +1,188 @@
+"""The audit writer: the one place audit records reach SQL.
+
+Callers `await writer.write(record)` and get control back only once the record
+is committed (durable), or an `AuditUnavailable` error when it cannot be. One
+background task takes whatever records are waiting, chains them
+(gateway.audit.chain), and commits them with any checkpoint that falls due in a
+single transaction (group commit), so under load many calls share one fsync.
+Checkpoints go to the anchor file before the batch's callers are answered.
+
+The queue is bounded: when the database stalls and the queue fills, new calls
+are refused with 503 instead of buffering without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+
+from gateway.audit.anchor import AnchorFile
+from gateway.audit.chain import Chain, Signer
+from gateway.audit.record import AuditRecord, row_of
+from gateway.errors import AuditUnavailable
+from gateway.hotpath import Batch, HotPath
+
+log = structlog.get_logger("bastion.audit")
+
+_Pending = tuple[dict[str, Any], Sequence[dict[str, Any]], asyncio.Future[None]]
+
+
+class AuditWriter:
+    def __init__(
+        self,
+        hot: HotPath,
+        chain: Chain,
+        anchor: AnchorFile,
+        *,
+        queue_max: int,
+        batch_max: int,
+        write_timeout: float = 10.0,
+    ):
+        self._hot = hot
+        self.chain = chain
+        self._anchor = anchor
+        self._queue_max = queue_max
+        self._batch_max = batch_max
+        self._write_timeout = write_timeout
+        self._pending: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        # After a failed commit the database may or may not hold the batch.
+        self._resync = False
+
+    @classmethod
+    def for_process(
+        cls, hot: HotPath, signer: Signer, anchor: AnchorFile, *, every: int, seconds: float, **kwargs: Any
+    ) -> AuditWriter:
+        """A writer with a fresh stream of its own."""
+        return cls(hot, Chain(uuid.uuid4().hex, signer, every, seconds), anchor, **kwargs)
+
+    @property
+    def stream_id(self) -> str:
+        return self.chain.stream_id
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def close(self) -> None:
+        """Write what is queued, seal the stream with a closing record, then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    async def write(self, record: AuditRecord, payloads: Sequence[dict[str, Any]] = ()) -> None:
+        """Return once the record (and its payload rows) is committed; raise AuditUnavailable otherwise."""
+        if self._closing or self._task is None or self._task.done():
+            raise AuditUnavailable(
+                "The audit store is not accepting records; the call was refused.", audit_reason="writer_stopped"
+            )
+        if len(self._pending) >= self._queue_max:
+            raise AuditUnavailable("The audit store is overloaded; the call was refused.", audit_reason="queue_full")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((row_of(record), payloads, done))
+        self._wakeup.set()
+        try:
+            # shield: a caller that gives up must not cancel a batch others share.
+            await asyncio.wait_for(asyncio.shield(done), self._write_timeout)
+        except TimeoutError:
+            raise AuditUnavailable(
+                "The audit store did not answer in time; the call was refused.", audit_reason="write_timeout"
+            ) from None
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    await self._seal()
+                    return
+                self._wakeup.clear()
+                wait = self.chain.seconds_until_checkpoint()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                if not self._pending and not self._closing and self.chain.seconds_until_checkpoint() == 0:
+                    await self._quietly(self._commit([]))  # a checkpoint falls due with no new records
+                continue
+            batch = [self._pending.popleft() for _ in range(min(self._batch_max, len(self._pending)))]
+            try:
+                await self._commit(batch)
+            except Exception as exc:  # any database or anchor failure fails these records, closed
+                log.error("audit.write_failed", error=type(exc).__name__, detail=str(exc)[:200], records=len(batch))
+                err = AuditUnavailable(
+                    "The audit store refused the record; the call was refused.", audit_reason="write_failed"
+                )
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                        # Nobody may be waiting any more (timeout); don't warn about it.
+                        fut.exception()
+            else:
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def _commit(self, batch: list[_Pending], *, closing: bool = False) -> None:
+        if self._anchor.behind:
+            # Lines from an earlier batch never reached the anchor: nothing more
+            # is accepted until they do (the trail would be unanchored).
+            await asyncio.to_thread(self._anchor.append, ())
+        if self._resync:
+            tail = await self._hot.stream_tail(self.chain.stream_id)
+            self.chain.resync(tail.seq, tail.head, tail.checkpointed)
+            self._resync = False
+        link = self.chain.link([row for row, _, _ in batch], closing=closing)
+        if not link.rows and not link.checkpoints:
+            return
+        checkpoints = [msgspec.structs.asdict(c) for c in link.checkpoints]
+        payloads = [p for _, ps, _ in batch for p in ps]
+        try:
+            await self._hot.write_batch(Batch(link.rows, checkpoints, payloads))
+        except BaseException:
+            self._resync = True
+            raise
+        self.chain.advance(link)
+        if link.checkpoints:
+            # On failure the anchor keeps the lines for the next batch, and
+            # these callers get 503 although their records are committed.
+            await asyncio.to_thread(self._anchor.append, link.checkpoints)
+
+    async def _seal(self) -> None:
+        if self.chain.seq == 0 and self.chain.checkpointed < 0:
+            return  # this stream never wrote anything
+        closing = AuditRecord(
+            request_id=uuid.uuid4().hex,
+            phase="system",
+            started_at=datetime.now(UTC),
+            method="-",
+            route="audit.stream_closed",
+            outcome="ok",
+        )
+        await self._quietly(
+            self._commit([(row_of(closing), (), asyncio.get_running_loop().create_future())], closing=True)
+        )
+
+    async def _quietly(self, commit: Any) -> None:
+        """A commit nobody waits on (timed checkpoints, the closing seal): log failures."""
+        try:
+            await commit
+        except Exception as exc:
+            log.error("audit.checkpoint_failed", error=type(exc).__name__, detail=str(exc)[:200])
+
+
+async def write_quietly(writer: AuditWriter, record: AuditRecord, payloads: Sequence[dict[str, Any]] = ()) -> None:
+    """For records whose caller cannot act on a failure (a stream already sent)."""
+    with contextlib.suppress(AuditUnavailable):
+        await writer.write(record, payloads)
