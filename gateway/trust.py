@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -23,3 +24,15 @@ def load_trusted(settings: Settings, entries: Iterable[TrustedKey], what: str) -
             raise ConfigError(f"{what} {entry.key_id}: {path} has key id {key_id_of(key)}")
         keys[entry.key_id] = key
     return keys
+
+
+def audit_verify_keys(settings: Settings) -> dict[str, Ed25519PublicKey]:
+    """Keys trusted for audit checkpoints: `audit.trusted_keys`, else the signing key's own .pub."""
+    if settings.audit.trusted_keys:
+        return load_trusted(settings, settings.audit.trusted_keys, "audit key")
+    pub = Path(str(settings.audit_signing_key) + ".pub")
+    try:
+        key = load_public_key(pub)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the audit public key {pub}: {exc}") from None
+    return {key_id_of(key): key}

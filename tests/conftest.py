@@ -160,11 +160,8 @@ def fresh_pg_url(pg_url: str) -> Iterator[str]:
         engine = create_engine(pg_url)
         try:
             async with engine.begin() as conn:
-                await conn.execute(
-                    text(
-                        "TRUNCATE audit_records, audit_checkpoints, audit_payloads, api_keys, gateway_heartbeat RESTART IDENTITY"
-                    )
-                )
+                tables = "audit_records, audit_checkpoints, audit_payloads, api_keys, gateway_heartbeat"
+                await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY"))
         finally:
             await engine.dispose()
 

@@ -180,7 +180,7 @@ def _check_signed(
         if valid(prune, prune.through, "prune"):
             signed.pruned_through = max(signed.pruned_through, prune.through)
     for seq in sorted(signed.anchor_seqs - signed.sql_seqs):
-        if seq > signed.pruned_through:
+        if seq >= signed.pruned_through:  # below a signed prune point it was removed on purpose
             problems.append(Problem(stream_id, seq, Kind.DELETED, "checkpoint in the anchor but not in the database"))
     return signed
 
@@ -227,6 +227,8 @@ class StreamVerifier:
 
     def add(self, row: tuple[Any, ...]) -> None:
         seq, prev, stored = row[self._SEQ], row[self._PREV], row[self._HASH]
+        if seq <= self._start:
+            return  # left behind by a prune that stopped half-way: outside the verified range
         r = self.result
         if r.first_seq is None:
             r.first_seq = seq
