@@ -17,7 +17,7 @@ from litestar.types import Method
 from sqlalchemy import insert, update
 
 from engine.manifest import Verification
-from gateway import calls
+from gateway import auditor, calls
 from gateway.errors import ErrorBody, ErrorEnvelope
 from gateway.services import Services
 from gateway.settings import Settings
@@ -49,6 +49,26 @@ async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
 @post("/admin/models/verify", status_code=200)
 async def admin_verify_models(request: Request[Any, Any, Any]) -> Response[bytes]:
     return await calls.verify_models(request, _svc(request))
+
+
+@get("/admin/audit/events")
+async def audit_events(request: Request[Any, Any, Any]) -> Response[Any]:
+    return await auditor.events(request, _svc(request))
+
+
+@get("/admin/audit/events/{request_id:str}")
+async def audit_event(request: Request[Any, Any, Any], request_id: str) -> Response[bytes]:
+    return await auditor.event(request, _svc(request), request_id)
+
+
+@get("/admin/audit/stats")
+async def audit_stats(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return await auditor.stats(request, _svc(request))
+
+
+@get("/admin/audit/verify")
+async def audit_verify(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return await auditor.verify(request, _svc(request))
 
 
 @route("/{path:path}", http_method=ALL_METHODS)
@@ -143,7 +163,19 @@ def create_app(settings: Settings, preverified: dict[str, Verification] | None =
             log.info("gateway.stopped")
 
     return Litestar(
-        route_handlers=[chat_completions, completions, models, healthz, readyz, admin_verify_models, unknown_route],
+        route_handlers=[
+            chat_completions,
+            completions,
+            models,
+            healthz,
+            readyz,
+            admin_verify_models,
+            audit_events,
+            audit_event,
+            audit_stats,
+            audit_verify,
+            unknown_route,
+        ],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_exception, Exception: _internal_error},
         # The gateway reads bodies itself, with its own limit and an audited 413.

@@ -125,7 +125,7 @@ class Call:
         )
 
 
-def _headers(call: Call, extra: dict[str, str] | None = None) -> dict[str, str]:
+def headers_for(call: Call, extra: dict[str, str] | None = None) -> dict[str, str]:
     headers = {"x-request-id": call.request_id}
     if extra:
         headers.update(extra)
@@ -133,7 +133,7 @@ def _headers(call: Call, extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def error_response(call: Call, err: GatewayError) -> Response[bytes]:
-    return Response(err.body(), status_code=err.status, media_type=JSON, headers=_headers(call, err.headers()))
+    return Response(err.body(), status_code=err.status, media_type=JSON, headers=headers_for(call, err.headers()))
 
 
 async def refuse(svc: Services, call: Call, err: GatewayError) -> Response[bytes]:
@@ -213,7 +213,7 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
                 return Stream(
                     _relay(svc, call, stream, body, strip_usage=not summary.client_wants_usage),
                     media_type="text/event-stream",
-                    headers=_headers(call, {"cache-control": "no-cache"}),
+                    headers=headers_for(call, {"cache-control": "no-cache"}),
                 )
             try:
                 answer = await stream.read()
@@ -258,7 +258,7 @@ async def _finish(svc: Services, call: Call, status: int, body: bytes, answer: b
     except AuditUnavailable as err:
         # The answer exists but cannot be accounted for: it is not served.
         return error_response(call, err)
-    return Response(answer, status_code=status, media_type=JSON, headers=_headers(call))
+    return Response(answer, status_code=status, media_type=JSON, headers=headers_for(call))
 
 
 class _StreamChunk(msgspec.Struct, frozen=True):
@@ -322,7 +322,7 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
         return await refuse(svc, call, err)
     created = int(svc.started_at.timestamp())
     data = [{"id": name, "object": "model", "created": created, "owned_by": "bastion"} for name in svc.upstreams]
-    return await _answer(svc, call, msgspec.json.encode({"object": "list", "data": data}))
+    return await answer(svc, call, msgspec.json.encode({"object": "list", "data": data}))
 
 
 async def verify_models(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
@@ -333,18 +333,25 @@ async def verify_models(request: Request[Any, Any, Any], svc: Services) -> Respo
         await svc.integrity.verify_all("admin")
     except GatewayError as err:
         return await refuse(svc, call, err)
-    return await _answer(
+    return await answer(
         svc, call, msgspec.json.encode({"models": {n: s.public() for n, s in svc.integrity.states.items()}})
     )
 
 
-async def _answer(svc: Services, call: Call, body: bytes) -> Response[bytes]:
-    """Audit a successful call the gateway answers itself, then answer."""
+async def answer(svc: Services, call: Call, body: bytes, detail: dict[str, Any] | None = None) -> Response[bytes]:
+    """Audit a successful call the gateway answers itself (with what it did, in `detail`), then answer."""
     try:
-        await svc.audit.write(call.final(outcome="ok", http_status=200, response_sha256=call.digest(body)))
+        await svc.audit.write(
+            call.final(
+                outcome="ok",
+                http_status=200,
+                response_sha256=call.digest(body),
+                detail=msgspec.json.encode(detail).decode() if detail is not None else None,
+            )
+        )
     except AuditUnavailable as err:
         return error_response(call, err)
-    return Response(body, media_type=JSON, headers=_headers(call))
+    return Response(body, media_type=JSON, headers=headers_for(call))
 
 
 async def not_found(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:

@@ -27,6 +27,7 @@ from rich.table import Table
 from engine import manifest
 from gateway import migrate
 from gateway.audit.capture import rotate_keyring
+from gateway.cli_audit import audit
 from gateway.clikit import CheckFailed, UsageProblem, config_option, echo_json, err_console, run_async, settings_from
 from gateway.keys import ROLES, KeyStore, load_or_create_pepper, write_secret_file
 from gateway.settings import ConfigError, Settings
@@ -588,6 +589,8 @@ def up(config_path: Path, engine_timeout: int) -> None:
             err_console.print(f"engine {engine.config.name}: stopping")
             engine.stop()
 
+
+main.add_command(audit)
 
 if __name__ == "__main__":
     sys.exit(main())

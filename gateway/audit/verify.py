@@ -26,6 +26,7 @@ the chain vouches for their order, but no signature yet for their existence.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.audit.anchor import AnchorError, AnchorFile
 from gateway.audit.chain import Checkpoint, Prune, signature_valid
 from gateway.audit.record import GENESIS, HASHED_FIELDS, record_hash
+from gateway.db import create_engine
 from gateway.tables import audit_checkpoints, audit_records
 
 
@@ -367,3 +369,16 @@ async def verify_trail(engine: AsyncEngine, trusted: dict[str, Ed25519PublicKey]
         trail_problems=trail_problems,
         legacy_records=legacy,
     )
+
+
+def verify_database(url: str, trusted: dict[str, Ed25519PublicKey], anchor: AnchorFile | None) -> Report:
+    """Verify on a loop and engine of its own (the CLI, and the API from a worker thread)."""
+
+    async def go() -> Report:
+        engine = create_engine(url)
+        try:
+            return await verify_trail(engine, trusted, anchor)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())

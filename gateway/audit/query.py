@@ -1,0 +1,197 @@
+"""Auditor queries: filtered, keyset-paginated reads of the trail, exports and stats.
+
+Pages run newest first on (started_at, id); the next page starts strictly after
+the last row of this one (`(started_at, id) < cursor`), so page 1000 costs what
+page 1 costs. Each filter on key, team or model has an index that begins with
+that column and continues with (started_at, id) (migration 0003). Exports run
+oldest first in the same keyset steps, so memory stays flat for any size.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.audit.record import iso
+from gateway.tables import audit_payloads, audit_records
+
+EVENT_FIELDS: tuple[str, ...] = tuple(c.name for c in audit_records.columns)
+Bucket = Literal["minute", "hour", "day"]
+_SQLITE_BUCKETS = {"minute": "%Y-%m-%dT%H:%M:00Z", "hour": "%Y-%m-%dT%H:00:00Z", "day": "%Y-%m-%dT00:00:00Z"}
+
+
+class QueryError(ValueError):
+    """A filter, cursor or parameter that cannot be used (HTTP 400, CLI exit 2)."""
+
+
+class EventFilter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    key_id: str | None = None
+    team: str | None = None
+    model: str | None = None
+    outcome: str | None = None  # ok | refused | error | client_closed
+    status: int | None = None  # HTTP status
+    phase: str | None = None  # intent | final | system
+    request_id: str | None = None
+    since: datetime | None = None  # started_at >= since
+    until: datetime | None = None  # started_at < until
+
+    def clauses(self) -> list[sa.ColumnElement[bool]]:
+        c = audit_records.c
+        out: list[sa.ColumnElement[bool]] = []
+        for name, column in (
+            ("key_id", c.key_id),
+            ("team", c.team),
+            ("model", c.model),
+            ("outcome", c.outcome),
+            ("status", c.http_status),
+            ("phase", c.phase),
+            ("request_id", c.request_id),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                out.append(column == value)
+        if self.since is not None:
+            out.append(c.started_at >= _utc(self.since))
+        if self.until is not None:
+            out.append(c.started_at < _utc(self.until))
+        return out
+
+    def public(self) -> dict[str, Any]:
+        return {
+            k: (iso(v) if isinstance(v, datetime) else v)
+            for k, v in msgspec.structs.asdict(self).items()
+            if v is not None
+        }
+
+
+def _utc(value: datetime) -> datetime:
+    # Stored times are UTC; SQLite compares them as text, so bind UTC too.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def parse_filter(params: dict[str, Any]) -> EventFilter:
+    try:
+        return msgspec.convert(params, EventFilter, strict=False)
+    except msgspec.ValidationError as exc:
+        raise QueryError(f"Invalid filter: {exc}") from None
+
+
+def public_event(row: Any) -> dict[str, Any]:
+    """A record as JSON-ready values (times in the one ISO form)."""
+    m = row._mapping
+    return {name: (iso(m[name]) if isinstance(m[name], datetime) else m[name]) for name in EVENT_FIELDS}
+
+
+def _encode_cursor(row: Any) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode([iso(row.started_at), row.id])).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        started, row_id = msgspec.json.decode(raw, type=tuple[datetime, int])
+    except (ValueError, msgspec.DecodeError):
+        raise QueryError("Invalid cursor: pass back the next_cursor of the previous page unchanged.") from None
+    return _utc(started), row_id
+
+
+@dataclass(frozen=True)
+class Page:
+    events: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+async def page(engine: AsyncEngine, f: EventFilter, *, limit: int, cursor: str | None = None) -> Page:
+    """One page, newest first."""
+    if not 1 <= limit <= 1000:
+        raise QueryError("limit must be between 1 and 1000.")
+    c = audit_records.c
+    q = sa.select(audit_records).where(*f.clauses())
+    if cursor:
+        started, row_id = _decode_cursor(cursor)
+        q = q.where(sa.tuple_(c.started_at, c.id) < sa.tuple_(sa.literal(started, c.started_at.type), row_id))
+    q = q.order_by(c.started_at.desc(), c.id.desc()).limit(limit + 1)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(q)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page([public_event(r) for r in rows], _encode_cursor(rows[-1]) if more else None)
+
+
+async def export(engine: AsyncEngine, f: EventFilter, *, chunk: int = 2000) -> AsyncIterator[dict[str, Any]]:
+    """Every matching record, oldest first, read in keyset steps."""
+    c = audit_records.c
+    after: tuple[datetime, int] | None = None
+    while True:
+        q = sa.select(audit_records).where(*f.clauses())
+        if after is not None:
+            q = q.where(sa.tuple_(c.started_at, c.id) > sa.tuple_(sa.literal(after[0], c.started_at.type), after[1]))
+        async with engine.connect() as conn:
+            rows = (await conn.execute(q.order_by(c.started_at, c.id).limit(chunk))).all()
+        for row in rows:
+            yield public_event(row)
+        if len(rows) < chunk:
+            return
+        after = (rows[-1].started_at, rows[-1].id)
+
+
+async def call_records(engine: AsyncEngine, request_id: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Every record of one call (intent, final) and its captured payload rows."""
+    c = audit_records.c
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(audit_records).where(c.request_id == request_id).order_by(c.id))).all()
+        payloads = (
+            await conn.execute(
+                sa.select(audit_payloads)
+                .where(audit_payloads.c.request_id == request_id)
+                .order_by(audit_payloads.c.part)
+            )
+        ).all()
+    return [public_event(r) for r in rows], list(payloads)
+
+
+async def stats(engine: AsyncEngine, f: EventFilter, bucket: Bucket) -> list[dict[str, Any]]:
+    """Calls and tokens per time bucket, model, team and outcome (final records only)."""
+    if bucket not in _SQLITE_BUCKETS:
+        raise QueryError("bucket must be minute, hour or day.")
+    c = audit_records.c
+    if engine.dialect.name == "sqlite":
+        slot: sa.ColumnElement[Any] = sa.func.strftime(_SQLITE_BUCKETS[bucket], c.started_at)
+    else:
+        slot = sa.func.date_trunc(bucket, sa.func.timezone("UTC", c.started_at))
+    slot = slot.label("bucket")
+    q = (
+        sa.select(
+            slot,
+            c.model,
+            c.team,
+            c.outcome,
+            sa.func.count().label("calls"),
+            sa.func.coalesce(sa.func.sum(c.prompt_tokens), 0).label("prompt_tokens"),
+            sa.func.coalesce(sa.func.sum(c.completion_tokens), 0).label("completion_tokens"),
+        )
+        .where(c.phase == "final", *f.clauses())
+        .group_by(slot, c.model, c.team, c.outcome)
+        .order_by(slot, c.model, c.team, c.outcome)
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(q)).all()
+    return [
+        {
+            "bucket": iso(r.bucket) if isinstance(r.bucket, datetime) else r.bucket,
+            "model": r.model,
+            "team": r.team,
+            "outcome": r.outcome,
+            "calls": r.calls,
+            "prompt_tokens": int(r.prompt_tokens),
+            "completion_tokens": int(r.completion_tokens),
+        }
+        for r in rows
+    ]

@@ -1,0 +1,178 @@
+"""The auditor API under /admin/audit: read, export, count and verify the trail.
+
+Only keys with the `auditor` role get in (a `user` or `admin` key gets 403 and
+an audit row). Every action is itself audited, with what was asked (filters,
+format, request id) in the record's `detail`, and that record is durable before
+any data leaves: an auditor cannot read the trail without leaving a trace.
+Decrypting captured payloads also needs the key's `can_decrypt` permission.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import hashlib
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.response import Stream
+
+from gateway.audit import query
+from gateway.audit.anchor import AnchorFile
+from gateway.audit.capture import KeyringError, load_keyring, open_payload
+from gateway.audit.verify import verify_database
+from gateway.calls import Call, answer, authenticate, headers_for, refuse
+from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
+from gateway.services import Services
+from gateway.settings import ConfigError
+from gateway.trust import audit_verify_keys
+
+AUDIT_ROLES = frozenset({"auditor"})
+_verify_lock = asyncio.Lock()
+
+
+def _params(request: Request[Any, Any, Any]) -> dict[str, str]:
+    return dict(request.query_params.items())
+
+
+def _bad_query(exc: query.QueryError) -> BadRequest:
+    return BadRequest(str(exc), audit_reason="invalid_query")
+
+
+async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
+    """GET /admin/audit/events: a page as JSON, or every match as JSON lines or CSV."""
+    call = Call.begin(request)
+    try:
+        await authenticate(svc, request, call, AUDIT_ROLES)
+        params = _params(request)
+        fmt = params.pop("format", "json")
+        limit = params.pop("limit", "100")
+        cursor = params.pop("cursor", None)
+        f = query.parse_filter(params)
+        if fmt == "json":
+            if not limit.isdigit():
+                raise query.QueryError("limit must be a number between 1 and 1000.")
+            page = await query.page(svc.db, f, limit=int(limit), cursor=cursor)
+            body = msgspec.json.encode({"object": "list", "data": page.events, "next_cursor": page.next_cursor})
+            detail = {"action": "query", "filter": f.public(), "returned": len(page.events), "cursor": cursor}
+            return await answer(svc, call, body, detail)
+        if fmt not in ("jsonl", "csv"):
+            raise query.QueryError("format must be json, jsonl or csv.")
+        # The export is on record before its first byte leaves.
+        detail = {"action": "export", "format": fmt, "filter": f.public()}
+        await svc.audit.write(call.final(outcome="ok", http_status=200, detail=msgspec.json.encode(detail).decode()))
+    except query.QueryError as exc:
+        return await refuse(svc, call, _bad_query(exc))
+    except GatewayError as err:
+        return await refuse(svc, call, err)
+    media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
+    headers = headers_for(call, {"content-disposition": f'attachment; filename="audit-export.{fmt}"'})
+    rows = query.export(svc.db, f)
+    return Stream(_jsonl(rows) if fmt == "jsonl" else _csv(rows), media_type=media, headers=headers)
+
+
+async def _jsonl(rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async for row in rows:
+        yield msgspec.json.encode(row) + b"\n"
+
+
+async def _csv(rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=query.EVENT_FIELDS)
+    writer.writeheader()
+    async for row in rows:
+        writer.writerow(row)
+        if out.tell() > 64 * 1024:
+            yield out.getvalue().encode()
+            out.seek(0)
+            out.truncate()
+    yield out.getvalue().encode()
+
+
+async def event(request: Request[Any, Any, Any], svc: Services, request_id: str) -> Response[bytes]:
+    """GET /admin/audit/events/{request_id}[?decrypt=true]: one call's records and payloads."""
+    call = Call.begin(request)
+    try:
+        principal = await authenticate(svc, request, call, AUDIT_ROLES)
+        params = _params(request)
+        decrypt = params.pop("decrypt", "false").lower()
+        if params or decrypt not in ("true", "false"):
+            raise BadRequest("The only parameter is decrypt=true|false.", audit_reason="invalid_query")
+        records, rows = await query.call_records(svc.db, request_id)
+        if not records:
+            raise NotFound(f"No audit records for request {request_id}.", audit_reason="unknown_request")
+        payloads = [{"part": r.part, "key_id": r.key_id, "size": r.size, "truncated": r.truncated} for r in rows]
+        action = "lookup"
+        if decrypt == "true":
+            if not principal.can_decrypt:
+                raise Forbidden("This key may not decrypt captured payloads.", audit_reason="decrypt_not_permitted")
+            _decrypt_into(svc, payloads, rows, records)
+            action = "decrypt"
+        body = msgspec.json.encode({"request_id": request_id, "records": records, "payloads": payloads})
+        detail = {"action": action, "request_id": request_id, "parts": [p["part"] for p in payloads]}
+        # `answer` makes the record durable first: a decryption is on record before the plaintext leaves.
+        return await answer(svc, call, body, detail)
+    except GatewayError as err:
+        return await refuse(svc, call, err)
+
+
+def _decrypt_into(
+    svc: Services, payloads: list[dict[str, Any]], rows: list[Any], records: list[dict[str, Any]]
+) -> None:
+    try:
+        ring = load_keyring(svc.settings.audit_keyring_file)
+    except KeyringError as exc:
+        raise GatewayError(f"The payload keyring is unavailable: {exc}", audit_reason="keyring_unavailable") from None
+    final = next((r for r in records if r["phase"] == "final"), {})
+    for shown, row in zip(payloads, rows, strict=True):
+        try:
+            plain = open_payload(ring, row)
+        except KeyringError as exc:
+            shown["error"] = str(exc)
+            continue
+        try:
+            shown["text"] = plain.decode()
+        except UnicodeDecodeError:
+            shown["base64"] = base64.b64encode(plain).decode()
+        # The chained record's hash vouches for the plaintext (unless capture was cut short).
+        shown["matches_record"] = hashlib.sha256(plain).hexdigest() == final.get(f"{row.part}_sha256")
+
+
+async def stats(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
+    """GET /admin/audit/stats?bucket=hour&...: calls and tokens by bucket, model, team, outcome."""
+    call = Call.begin(request)
+    try:
+        await authenticate(svc, request, call, AUDIT_ROLES)
+        params = _params(request)
+        bucket = params.pop("bucket", "hour")
+        f = query.parse_filter(params)
+        data = await query.stats(svc.db, f, bucket)  # type: ignore[arg-type]
+        body = msgspec.json.encode({"object": "list", "bucket": bucket, "data": data})
+        return await answer(svc, call, body, {"action": "stats", "bucket": bucket, "filter": f.public()})
+    except query.QueryError as exc:
+        return await refuse(svc, call, _bad_query(exc))
+    except GatewayError as err:
+        return await refuse(svc, call, err)
+
+
+async def verify(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
+    """GET /admin/audit/verify: the whole trail, checked on a worker thread (the loop keeps serving)."""
+    call = Call.begin(request)
+    try:
+        await authenticate(svc, request, call, AUDIT_ROLES)
+        try:
+            trusted = audit_verify_keys(svc.settings)
+        except ConfigError as exc:
+            raise GatewayError(f"Audit keys unavailable: {exc}", audit_reason="audit_keys_unavailable") from None
+        async with _verify_lock:  # one verification at a time
+            report = await asyncio.to_thread(
+                verify_database, svc.settings.database_url(), trusted, AnchorFile(svc.settings.audit_anchor_file)
+            )
+        summary = {"action": "verify", "intact": report.intact, "records": report.records}
+        return await answer(svc, call, msgspec.json.encode(report.public()), summary)
+    except GatewayError as err:
+        return await refuse(svc, call, err)

@@ -1,0 +1,304 @@
+"""`bastion audit ...`: verify, query, export, stats, prune, keyring.
+
+These read the database directly (operators on the gateway's host). Like the
+API, each command is itself audited before it shows anything: the CLI process
+writes a system record on a stream of its own (signed and closed like a
+gateway's), so `audit query` leaves the same trace as GET /admin/audit/events.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import sys
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from engine.manifest import key_id_of, load_public_key
+from gateway.audit import query
+from gateway.audit.anchor import AnchorFile
+from gateway.audit.capture import rotate_keyring
+from gateway.audit.prune import prune
+from gateway.audit.record import AuditRecord
+from gateway.audit.verify import Report, verify_database
+from gateway.clikit import CheckFailed, UsageProblem, config_option, echo_json, err_console, run_async, settings_from
+from gateway.db import create_engine
+from gateway.errors import AuditUnavailable
+from gateway.hotpath import hot_path_for
+from gateway.services import load_signer, open_writer
+from gateway.settings import ConfigError, Settings
+from gateway.trust import audit_verify_keys
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@click.group("audit")
+def audit() -> None:
+    """The tamper-evident audit trail."""
+
+
+async def _record_action(settings: Settings, action: str, detail: dict[str, Any]) -> None:
+    """Write one system record for this CLI action on a stream of its own, then seal the stream."""
+    url = settings.database_url()
+    engine = create_engine(url)
+    hot = hot_path_for(url, engine, busy_timeout_ms=settings.database.sqlite_busy_timeout_ms)
+    writer = open_writer(settings, hot)
+    await writer.start()
+    try:
+        await writer.write(
+            AuditRecord(
+                request_id=uuid.uuid4().hex,
+                phase="system",
+                started_at=datetime.now(UTC),
+                method="CLI",
+                route=f"cli.audit.{action}",
+                auth_method="os_user",
+                key_name=getpass.getuser(),
+                outcome="ok",
+                detail=msgspec.json.encode(detail).decode(),
+            )
+        )
+    finally:
+        await writer.close()
+        await hot.close()
+        await engine.dispose()
+
+
+def record_action(settings: Settings, action: str, detail: dict[str, Any]) -> None:
+    try:
+        run_async(_record_action(settings, action, detail))
+    except (AuditUnavailable, ConfigError) as exc:
+        raise CheckFailed(f"this action could not be audited, so it was not done: {exc}") from None
+
+
+def filter_options(fn: F) -> F:
+    options = [
+        click.option("--key-id", default=None, help="Only this API key's records."),
+        click.option("--team", default=None),
+        click.option("--model", default=None),
+        click.option("--outcome", type=click.Choice(["ok", "refused", "error", "client_closed"]), default=None),
+        click.option("--status", type=int, default=None, help="HTTP status."),
+        click.option("--phase", type=click.Choice(["intent", "final", "system"]), default=None),
+        click.option("--request-id", default=None),
+        click.option("--since", default=None, help="ISO 8601 time (inclusive)."),
+        click.option("--until", default=None, help="ISO 8601 time (exclusive)."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        names = ("key_id", "team", "model", "outcome", "status", "phase", "request_id", "since", "until")
+        params = {n: kwargs.pop(n) for n in names if kwargs.get(n) is not None}
+        try:
+            kwargs["event_filter"] = query.parse_filter(params)
+        except query.QueryError as exc:
+            raise UsageProblem(str(exc)) from None
+        return fn(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def _with_engine(settings: Settings, fn: Callable[[Any], Any]) -> Any:
+    async def go() -> Any:
+        engine = create_engine(settings.database_url())
+        try:
+            return await fn(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        return run_async(go())
+    except query.QueryError as exc:
+        raise UsageProblem(str(exc)) from None
+
+
+@audit.command("verify")
+@config_option
+@click.option(
+    "--trusted-key",
+    "trusted_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Audit public key to trust (repeatable; default: audit.trusted_keys, else the signing key's .pub).",
+)
+@click.option(
+    "--anchor", "anchor_path", default=None, type=click.Path(dir_okay=False), help="Anchor file to check against."
+)
+@click.option("--no-anchor", is_flag=True, help="Check without the anchor file (tail truncation may go unseen).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def verify_cmd(
+    config_path: Path, trusted_files: tuple[str, ...], anchor_path: str | None, no_anchor: bool, as_json: bool
+) -> None:
+    """Verify every stream of the trail; exit 0 only when it is intact."""
+    settings = settings_from(config_path)
+    try:
+        if trusted_files:
+            keys = [load_public_key(Path(f)) for f in trusted_files]
+            trusted = {key_id_of(k): k for k in keys}
+        else:
+            trusted = audit_verify_keys(settings)
+    except (ConfigError, ValueError, OSError) as exc:
+        raise UsageProblem(str(exc)) from None
+    anchor = None if no_anchor else AnchorFile(Path(anchor_path) if anchor_path else settings.audit_anchor_file)
+    report = verify_database(settings.database_url(), trusted, anchor)
+    record_action(settings, "verify", {"intact": report.intact, "records": report.records})
+    if as_json:
+        echo_json(report.public())
+    else:
+        _print_report(report)
+    if not report.intact:
+        sys.exit(1)
+
+
+def _print_report(report: Report) -> None:
+    table = Table("stream", "records", "seqs", "checkpoints", "closed", "unanchored", "first problem")
+    for s in report.streams:
+        p = s.first_problem
+        seqs = f"{s.first_seq}..{s.last_seq}" if s.first_seq is not None else "-"
+        problem = f"[red]{p.kind} at {p.seq}[/red]: {p.detail}" if p else "[green]intact[/green]"
+        table.add_row(s.stream_id, str(s.records), seqs, str(s.checkpoints), "yes" if s.closed else "no",
+                      str(s.unanchored), problem)  # fmt: skip
+    console = Console()
+    console.print(table)
+    for p in report.trail_problems:
+        console.print(f"[red]{p.kind}[/red]: {p.detail}")
+    if report.incomplete_calls:
+        console.print(f"{len(report.incomplete_calls)} incomplete call(s) (intent without outcome; not tampering)")
+    rate = f"{report.records / report.seconds:,.0f} records/s" if report.seconds else ""
+    verdict = "[green]intact[/green]" if report.intact else "[red]NOT intact[/red]"
+    console.print(f"{report.records} records in {report.seconds:.2f}s ({rate}): {verdict}")
+
+
+@audit.command("query")
+@config_option
+@filter_options
+@click.option("--limit", default=50, show_default=True, type=int)
+@click.option("--cursor", default=None, help="The next_cursor of the previous page.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def query_cmd(
+    config_path: Path, event_filter: query.EventFilter, limit: int, cursor: str | None, as_json: bool
+) -> None:
+    """One page of records, newest first."""
+    settings = settings_from(config_path)
+    record_action(settings, "query", {"filter": event_filter.public(), "limit": limit, "cursor": cursor})
+    page = _with_engine(settings, lambda e: query.page(e, event_filter, limit=limit, cursor=cursor))
+    if as_json:
+        echo_json({"object": "list", "data": page.events, "next_cursor": page.next_cursor})
+        return
+    table = Table("started", "request id", "phase", "key", "team", "model", "route", "status", "outcome", "tokens")
+    for e in page.events:
+        tokens = f"{e['prompt_tokens']}/{e['completion_tokens']}" if e["prompt_tokens"] is not None else "-"
+        cells = [e["started_at"], e["request_id"], e["phase"], e["key_id"], e["team"], e["model"], e["route"]]
+        cells += [str(e["http_status"] or ""), e["outcome"], tokens]
+        table.add_row(*(c or "-" for c in cells))
+    Console().print(table)
+    if page.next_cursor:
+        err_console.print(f"more: --cursor {page.next_cursor}")
+
+
+@audit.command("export")
+@config_option
+@filter_options
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="File to write (default: stdout).")
+def export_cmd(config_path: Path, event_filter: query.EventFilter, fmt: str, out: str | None) -> None:
+    """Every matching record, oldest first, as JSON lines or CSV."""
+    import csv
+
+    settings = settings_from(config_path)
+    record_action(settings, "export", {"filter": event_filter.public(), "format": fmt, "out": out})
+
+    async def go(engine: Any) -> int:
+        count = 0
+        sink = open(out, "w", newline="") if out else sys.stdout  # noqa: SIM115 - closed below
+        try:
+            writer = csv.DictWriter(sink, fieldnames=query.EVENT_FIELDS) if fmt == "csv" else None
+            if writer:
+                writer.writeheader()
+            async for row in query.export(engine, event_filter):
+                if writer:
+                    writer.writerow(row)
+                else:
+                    sink.write(msgspec.json.encode(row).decode() + "\n")
+                count += 1
+        finally:
+            if out:
+                sink.close()
+        return count
+
+    count = _with_engine(settings, go)
+    err_console.print(f"{count} records exported")
+
+
+@audit.command("stats")
+@config_option
+@filter_options
+@click.option("--bucket", type=click.Choice(["minute", "hour", "day"]), default="hour", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats_cmd(config_path: Path, event_filter: query.EventFilter, bucket: str, as_json: bool) -> None:
+    """Calls and tokens per time bucket, model, team and outcome."""
+    settings = settings_from(config_path)
+    record_action(settings, "stats", {"filter": event_filter.public(), "bucket": bucket})
+    rows = _with_engine(settings, lambda e: query.stats(e, event_filter, bucket))  # type: ignore[arg-type]
+    if as_json:
+        echo_json({"object": "list", "bucket": bucket, "data": rows})
+        return
+    table = Table("bucket", "model", "team", "outcome", "calls", "prompt tokens", "completion tokens")
+    for r in rows:
+        table.add_row(r["bucket"], r["model"] or "-", r["team"] or "-", r["outcome"] or "-", str(r["calls"]),
+                      str(r["prompt_tokens"]), str(r["completion_tokens"]))  # fmt: skip
+    Console().print(table)
+
+
+@audit.command("prune")
+@config_option
+@click.option("--before", required=True, help="Remove checkpointed segments signed before this ISO 8601 date or time.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def prune_cmd(config_path: Path, before: str, yes: bool, as_json: bool) -> None:
+    """Delete old records in whole checkpointed segments; the rest stays verifiable."""
+    settings = settings_from(config_path)
+    try:
+        cut = datetime.fromisoformat(before)
+    except ValueError:
+        raise UsageProblem("--before takes an ISO 8601 date or time, e.g. 2026-01-01") from None
+    cut = cut if cut.tzinfo else cut.replace(tzinfo=UTC)
+    if not yes:
+        click.confirm(f"Delete audit records in segments checkpointed before {cut.isoformat()}?", abort=True)
+    try:
+        signer = load_signer(settings)
+    except ConfigError as exc:
+        raise UsageProblem(str(exc)) from None
+    record_action(settings, "prune", {"before": cut.isoformat()})
+    pruned = _with_engine(settings, lambda e: prune(e, signer, AnchorFile(settings.audit_anchor_file), cut))
+    result = [{"stream_id": p.stream_id, "through_seq": p.through, "records": p.records} for p in pruned]
+    if as_json:
+        echo_json(result)
+    else:
+        for p in result:
+            click.echo(f"stream {p['stream_id']}: removed {p['records']} records up to seq {p['through_seq']}")
+        click.echo(f"{sum(p['records'] for p in result)} records removed")
+
+
+@audit.group("keyring")
+def keyring() -> None:
+    """Keys for encrypted payload capture."""
+
+
+@keyring.command("rotate")
+@config_option
+def keyring_rotate(config_path: Path) -> None:
+    """Add a new key and make it the one new payloads are encrypted with (old ones stay readable)."""
+    settings = settings_from(config_path)
+    key_id = rotate_keyring(settings.audit_keyring_file)
+    record_action(settings, "keyring_rotate", {"key_id": key_id})
+    click.echo(f"active payload key {key_id}; restart or reload the gateway to use it")
