@@ -154,7 +154,7 @@ def create_app(settings: Settings, preverified: dict[str, Verification] | None =
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         svc = app.state.services = await Services.start(settings, preverified)
-        _on_sighup(lambda: svc.spawn(svc.integrity.verify_all("sighup")))
+        _on_sighup(lambda: (svc.reload_keyring(), svc.spawn(svc.integrity.verify_all("sighup"))))
         log.info("gateway.started", deployments=sorted(svc.upstreams))
         try:
             yield

@@ -95,7 +95,8 @@ def filter_options(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         names = ("key_id", "team", "model", "outcome", "status", "phase", "request_id", "since", "until")
-        params = {n: kwargs.pop(n) for n in names if kwargs.get(n) is not None}
+        given = {n: kwargs.pop(n) for n in names}
+        params = {n: v for n, v in given.items() if v is not None}
         try:
             kwargs["event_filter"] = query.parse_filter(params)
         except query.QueryError as exc:

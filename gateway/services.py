@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from engine.manifest import Verification
@@ -22,6 +23,8 @@ from gateway.hotpath import HotPath, hot_path_for
 from gateway.integrity import Integrity
 from gateway.keys import KeyStore, load_or_create_pepper
 from gateway.settings import ConfigError, Settings
+
+log = structlog.get_logger("bastion.services")
 
 
 @dataclass
@@ -72,6 +75,15 @@ class Services:
         svc.spawn(integrity.verify_all("boot", preverified))
         svc._periodic = asyncio.create_task(integrity.run_periodic(), name="reverify")
         return svc
+
+    def reload_keyring(self) -> None:
+        """Pick up a rotated payload keyring (SIGHUP); a broken one keeps the old in use."""
+        try:
+            self.sealer = payload_sealer(self.settings)
+        except ConfigError as exc:
+            log.error("keyring.reload_failed", error=str(exc))
+            return
+        log.info("keyring.reloaded", active=self.sealer.ring.active if self.sealer else None)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run work that must finish even if the request that started it is cancelled."""

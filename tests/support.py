@@ -24,6 +24,7 @@ import openai
 from sqlalchemy import select
 
 from engine import manifest
+from gateway.audit.capture import rotate_keyring
 from gateway.db import create_engine
 from gateway.tables import audit_records
 
@@ -76,6 +77,8 @@ def write_config(
     secrets_dir.mkdir(parents=True, exist_ok=True)
     if not (secrets_dir / "audit-signing.key").exists():
         manifest.create_signing_key(secrets_dir / "audit-signing.key")
+    if not (secrets_dir / "audit-keyring.json").exists():
+        rotate_keyring(secrets_dir / "audit-keyring.json")
     lines = [f"engine_python = {toml_value(engine_python)}"]
     for key_id, public_key in sorted({e.publisher for e in engines if e.publisher}):
         lines += ["", "[[publishers]]", f"key_id = {toml_value(key_id)}", f"public_key = {toml_value(public_key)}"]
@@ -187,6 +190,16 @@ class Gateway:
         if key is not None:
             headers["authorization"] = f"Bearer {key}"
         return httpx.post(self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def get(self, path: str, *, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
+        return httpx.get(self.url + path, headers=headers, timeout=60, **kwargs)
+
+    def bastion(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a `bastion` command against this gateway's config."""
+        return bastion(*args, "--config", str(self.config), check=check)
 
     def records(self, request_id: str | None = None) -> list[dict[str, Any]]:
         return fetch_records(self.database_url, request_id)

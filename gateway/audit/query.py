@@ -185,7 +185,7 @@ async def stats(engine: AsyncEngine, f: EventFilter, bucket: Bucket) -> list[dic
         rows = (await conn.execute(q)).all()
     return [
         {
-            "bucket": iso(r.bucket) if isinstance(r.bucket, datetime) else r.bucket,
+            "bucket": r.bucket.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(r.bucket, datetime) else r.bucket,
             "model": r.model,
             "team": r.team,
             "outcome": r.outcome,

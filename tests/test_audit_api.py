@@ -1,0 +1,294 @@
+"""The auditor API and CLI against a real gateway, engine and database: who may read,
+filters and pagination, exports, stats, verification, payload capture and decryption."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import time
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+import sqlalchemy as sa
+
+from gateway.audit.capture import Keyring
+from tests.conftest import GatewayFactory
+from tests.support import EngineRef, Gateway
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def gw(request: pytest.FixtureRequest, make_gateway: GatewayFactory, vllm_engine: EngineRef) -> Gateway:
+    url = request.getfixturevalue("fresh_pg_url") if request.param == "postgres" else None
+    return make_gateway(engines=[vllm_engine], database_url=url, audit={"checkpoint_every": 5})
+
+
+def chat(gw: Gateway, key: str, text: str = "Hello", **kwargs: object) -> str:
+    raw = gw.client(key).chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": text}], max_tokens=4, **kwargs
+    )
+    raw.parse()
+    return raw.headers["x-request-id"]
+
+
+def test_only_auditor_keys_read_the_trail_and_every_read_is_audited(gw: Gateway) -> None:
+    user, admin, auditor = gw.create_key(role="user"), gw.create_key(role="admin"), gw.create_key(role="auditor")
+    for key in (user, admin):
+        for path in ("/admin/audit/events", "/admin/audit/stats", "/admin/audit/verify", "/admin/audit/events/x"):
+            r = gw.get(path, key=key)
+            assert r.status_code == 403, (path, r.text)
+            assert r.json()["error"]["code"] == "permission_denied"
+            record = gw.final(r.headers["x-request-id"])
+            assert record["error_type"] == "role_not_allowed" and record["http_status"] == 403
+    r = gw.get("/admin/audit/events", key=auditor, params={"limit": 3})
+    assert r.status_code == 200, r.text
+    action = gw.final(r.headers["x-request-id"])
+    assert action["role"] == "auditor" and action["route"] == "/admin/audit/events"
+    assert json.loads(action["detail"]) == {"action": "query", "filter": {}, "returned": 3, "cursor": None}
+
+
+def test_filters_and_keyset_pages_cover_every_record_once(gw: Gateway) -> None:
+    alice, bob = gw.create_key(name="alice", team="risk"), gw.create_key(name="bob", team="ops")
+    auditor = gw.create_key(role="auditor", team="audit")
+    ids = [chat(gw, alice) for _ in range(5)] + [chat(gw, bob) for _ in range(2)]
+    alice_id = alice.split("_")[1]
+
+    seen: list[dict[str, object]] = []
+    cursor = None
+    while True:
+        params = {"key_id": alice_id, "phase": "final", "limit": 2} | ({"cursor": cursor} if cursor else {})
+        body = gw.get("/admin/audit/events", key=auditor, params=params).json()
+        seen += body["data"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(e["request_id"] for e in seen) == sorted(ids[:5])
+    started = [(e["started_at"], e["id"]) for e in seen]
+    assert started == sorted(started, reverse=True), "newest first"
+
+    team = gw.get("/admin/audit/events", key=auditor, params={"team": "ops", "phase": "final"}).json()["data"]
+    assert sorted(e["request_id"] for e in team) == sorted(ids[5:])
+    one = gw.get("/admin/audit/events", key=auditor, params={"request_id": ids[0]}).json()["data"]
+    assert {e["phase"] for e in one} == {"intent", "final"}
+    window = {"since": seen[-1]["started_at"], "until": "2999-01-01T00:00:00Z", "model": "tiny", "status": 200}
+    timed = gw.get("/admin/audit/events", key=auditor, params=window | {"phase": "final"}).json()["data"]
+    assert set(ids) <= {e["request_id"] for e in timed}
+
+    for bad in ({"limit": 0}, {"limit": "x"}, {"since": "yesterday"}, {"cursor": "garbage"}, {"colour": "red"}):
+        r = gw.get("/admin/audit/events", key=auditor, params=bad)
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert gw.final(r.headers["x-request-id"])["error_type"] == "invalid_query"
+
+
+def test_exports_stream_every_match_as_jsonl_and_csv(gw: Gateway) -> None:
+    user, auditor = gw.create_key(team="risk"), gw.create_key(role="auditor")
+    ids = [chat(gw, user) for _ in range(3)]
+    r = gw.get("/admin/audit/events", key=auditor, params={"format": "jsonl", "team": "risk", "phase": "final"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert [e["request_id"] for e in lines] == ids, "oldest first"
+    r = gw.get("/admin/audit/events", key=auditor, params={"format": "csv", "team": "risk", "phase": "final"})
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert [row["request_id"] for row in rows] == ids and rows[0]["record_hash"]
+    action = json.loads(gw.final(r.headers["x-request-id"])["detail"])
+    assert action == {"action": "export", "format": "csv", "filter": {"team": "risk", "phase": "final"}}
+
+
+def test_one_call_and_stats(gw: Gateway) -> None:
+    user, auditor = gw.create_key(team="risk"), gw.create_key(role="auditor")
+    request_id = chat(gw, user)
+    body = gw.get(f"/admin/audit/events/{request_id}", key=auditor).json()
+    assert [r["phase"] for r in body["records"]] == ["intent", "final"] and body["payloads"] == []
+    assert gw.get("/admin/audit/events/nope", key=auditor).status_code == 404
+    stats = gw.get("/admin/audit/stats", key=auditor, params={"bucket": "minute", "team": "risk"}).json()
+    (row,) = stats["data"]
+    final = gw.final(request_id)
+    assert (row["model"], row["team"], row["outcome"], row["calls"]) == ("tiny", "risk", "ok", 1)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (final["prompt_tokens"], final["completion_tokens"])
+    assert row["bucket"] == final["started_at"].strftime("%Y-%m-%dT%H:%M:00Z")
+    assert gw.get("/admin/audit/stats", key=auditor, params={"bucket": "week"}).status_code == 400
+
+
+def test_verify_through_the_api_and_the_cli_and_a_tampered_row_fails_both(gw: Gateway) -> None:
+    user, auditor = gw.create_key(), gw.create_key(role="auditor")
+    for _ in range(7):
+        chat(gw, user)
+    report = gw.get("/admin/audit/verify", key=auditor).json()
+    assert report["intact"] is True and report["records"] >= 14, report
+    cli = gw.bastion("audit", "verify", "--json")
+    assert json.loads(cli.stdout)["intact"] is True
+
+    _sql(gw, "UPDATE audit_records SET completion_tokens = 9999 WHERE id = 3")
+    report = gw.get("/admin/audit/verify", key=auditor).json()
+    assert report["intact"] is False
+    (broken,) = [s for s in report["streams"] if not s["intact"]]
+    assert broken["first_problem"]["kind"] == "modified"
+    cli = gw.bastion("audit", "verify", "--json", check=False)
+    assert cli.returncode == 1 and json.loads(cli.stdout)["intact"] is False
+    assert "NOT intact" in gw.bastion("audit", "verify", check=False).stdout
+
+
+def test_cli_query_export_stats_and_prune_are_audited(gw: Gateway) -> None:
+    user = gw.create_key(team="risk")
+    ids = [chat(gw, user) for _ in range(3)]
+    page = json.loads(gw.bastion("audit", "query", "--team", "risk", "--phase", "final", "--json").stdout)
+    assert sorted(e["request_id"] for e in page["data"]) == sorted(ids)
+    exported = gw.bastion("audit", "export", "--format", "jsonl", "--phase", "final", "--team", "risk").stdout
+    assert [json.loads(line)["request_id"] for line in exported.splitlines()] == ids
+    stats = json.loads(gw.bastion("audit", "stats", "--bucket", "day", "--json").stdout)
+    assert sum(r["calls"] for r in stats["data"] if r["team"] == "risk") == 3
+    assert gw.bastion("audit", "query", "--since", "soon", check=False).returncode == 2
+
+    actions = {r["route"] for r in gw.records() if r["route"].startswith("cli.audit.")}
+    assert actions == {"cli.audit.query", "cli.audit.export", "cli.audit.stats"}
+
+    gw.stop()  # a clean stop closes the gateway's stream with a signed checkpoint
+    cut = datetime.now(UTC).isoformat()
+    pruned = json.loads(gw.bastion("audit", "prune", "--before", cut, "--yes", "--json").stdout)
+    assert sum(p["records"] for p in pruned) > 0
+    assert json.loads(gw.bastion("audit", "verify", "--json").stdout)["intact"] is True
+    remaining = gw.records()
+    assert all(r["request_id"] not in ids for r in remaining)
+    assert {r["route"] for r in remaining} >= {"cli.audit.prune", "cli.audit.verify"}
+
+
+def test_relaxed_mode_writes_one_record_after_the_call(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> None:
+    gw = make_gateway(engines=[vllm_engine], audit={"mode": "relaxed"})
+    request_id = chat(gw, gw.create_key())
+    assert [r["phase"] for r in gw.records(request_id)] == ["final"]
+
+
+def test_capture_modes_per_team_and_audited_decryption(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> None:
+    gw = make_gateway(
+        engines=[vllm_engine], audit={"capture": "hash", "capture_teams": {"claims": "encrypted", "hr": "none"}}
+    )
+    claims, hr = gw.create_key(team="claims"), gw.create_key(team="hr")
+    auditor = gw.create_key(role="auditor")
+    decryptor = gw.create_key("--can-decrypt", role="auditor", name="dpo")
+    assert gw.bastion("keys", "create", "--name", "x", "--role", "user", "--can-decrypt", check=False).returncode == 2
+
+    secret_prompt = "Claim 4711: patient Jane Roe, knee surgery"
+    plain_id = chat(gw, claims, secret_prompt)
+    streamed = gw.client(claims).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": secret_prompt}], max_tokens=4, stream=True
+    )
+    with streamed:
+        streamed_id = streamed.response.headers["x-request-id"]
+        streamed_text = b"".join(streamed.response.iter_bytes())
+    hr_id = chat(gw, hr)
+
+    hr_final = gw.final(hr_id)
+    assert hr_final["capture"] == "none" and hr_final["request_sha256"] is None and hr_final["response_sha256"] is None
+    stored = b"".join(f.read_bytes() for f in (gw.config.parent / "state").glob("bastion.db*"))
+    assert b"Jane Roe" not in stored, "captured payloads are stored encrypted"
+
+    body = gw.get(f"/admin/audit/events/{plain_id}", key=auditor).json()
+    assert [(p["part"], p["truncated"]) for p in body["payloads"]] == [("request", False), ("response", False)]
+    assert all("text" not in p for p in body["payloads"])
+    r = gw.get(f"/admin/audit/events/{plain_id}", key=auditor, params={"decrypt": "true"})
+    assert r.status_code == 403 and gw.final(r.headers["x-request-id"])["error_type"] == "decrypt_not_permitted"
+
+    r = gw.get(f"/admin/audit/events/{plain_id}", key=decryptor, params={"decrypt": "true"})
+    request_part, response_part = r.json()["payloads"]
+    assert secret_prompt in request_part["text"] and request_part["matches_record"] is True
+    assert json.loads(response_part["text"])["object"] == "chat.completion" and response_part["matches_record"]
+    action = gw.final(r.headers["x-request-id"])
+    assert json.loads(action["detail"]) == {
+        "action": "decrypt",
+        "request_id": plain_id,
+        "parts": ["request", "response"],
+    }
+    assert action["key_name"] == "dpo"
+
+    _, response_part = gw.get(f"/admin/audit/events/{streamed_id}", key=decryptor, params={"decrypt": "true"}).json()[
+        "payloads"
+    ]
+    assert response_part["text"].encode() == streamed_text and response_part["matches_record"] is True
+
+    # Rotation: new calls use the new key, old payloads still decrypt under the old one.
+    ring_file = gw.config.parent / "state" / "secrets" / "audit-keyring.json"
+    old_key = msgspec.json.decode(ring_file.read_bytes(), type=Keyring).active
+    gw.bastion("audit", "keyring", "rotate")
+    assert gw.proc is not None
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    time.sleep(1)
+    new_id = chat(gw, claims, secret_prompt)
+    for request_id, under_old_key in ((plain_id, True), (new_id, False)):
+        parts = gw.get(f"/admin/audit/events/{request_id}", key=decryptor, params={"decrypt": "true"}).json()[
+            "payloads"
+        ]
+        assert secret_prompt in parts[0]["text"] and parts[0]["matches_record"] is True
+        assert (parts[0]["key_id"] == old_key) is under_old_key
+
+
+def _sql(gw: Gateway, statement: str) -> None:
+    import asyncio
+
+    from gateway.db import create_engine
+
+    async def go() -> None:
+        engine = create_engine(gw.database_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text(statement))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
+
+
+def test_sigkill_under_load_loses_no_answered_call(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> None:
+    import concurrent.futures
+
+    import httpx
+
+    gw = make_gateway(engines=[vllm_engine], audit={"checkpoint_every": 7})
+    key = gw.create_key()
+    answered: list[str] = []
+    stop = time.monotonic() + 3.0
+
+    def client_loop() -> None:
+        while True:
+            try:
+                r = gw.post(
+                    "/v1/chat/completions",
+                    key=key,
+                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                )
+            except httpx.HTTPError:
+                return  # the gateway is gone
+            if r.status_code == 200:
+                answered.append(r.headers["x-request-id"])
+            if time.monotonic() > stop + 30:
+                return
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client_loop) for _ in range(8)]
+        while time.monotonic() < stop:
+            time.sleep(0.05)
+        assert gw.proc is not None
+        os.killpg(gw.proc.pid, signal.SIGKILL)
+        gw.proc.wait()
+        for f in futures:
+            f.result()
+    assert len(answered) > 10, "the load never got going"
+
+    gw.start()  # the same database and anchor; a new stream
+    chat(gw, key)
+    gw.stop()
+    by_request: dict[str, set[str]] = {}
+    for r in gw.records():
+        by_request.setdefault(r["request_id"], set()).add(r["phase"])
+    missing = [rid for rid in answered if by_request.get(rid) != {"intent", "final"}]
+    assert not missing, f"answered calls without both records: {missing[:5]}"
+    report = json.loads(gw.bastion("audit", "verify", "--json").stdout)
+    assert report["intact"] is True, report
+    killed = [s for s in report["streams"] if not s["closed"]]
+    assert len(killed) == 1, "the killed gateway's stream ends without a closing checkpoint"
+    assert set(report["incomplete_calls"]).isdisjoint(answered)
