@@ -27,10 +27,14 @@ the chain vouches for their order, but no signature yet for their existence.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import hashlib
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -39,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.audit.anchor import AnchorError, AnchorFile
 from gateway.audit.chain import Checkpoint, Prune, signature_valid
-from gateway.audit.record import GENESIS, HASHED_FIELDS, record_hash
+from gateway.audit.record import GENESIS, HASHED_FIELDS, canonical
 from gateway.db import create_engine
 from gateway.tables import audit_checkpoints, audit_records
 
@@ -227,37 +231,51 @@ class StreamVerifier:
     def _problem(self, seq: int, kind: Kind, detail: str) -> None:
         self.result.problems.append(Problem(self.result.stream_id, seq, kind, detail))
 
-    def add(self, row: tuple[Any, ...]) -> None:
-        seq, prev, stored = row[self._SEQ], row[self._PREV], row[self._HASH]
-        if seq <= self._start:
-            return  # left behind by a prune that stopped half-way: outside the verified range
+    def add(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Check a run of this stream's records, in seq order. The state lives in
+        locals for the run (this loop is the verifier's speed: bench/audit_throughput.py)."""
+        i_seq, i_prev, i_hash, i_phase, i_request = self._SEQ, self._PREV, self._HASH, self._PHASE, self._REQUEST
+        start, checkpointed, stored_at = self._start, self._signed.checkpoints, self._stored_at
+        unexplained, intents, problem = self._unexplained, self.open_intents, self._problem
+        expected_seq, expected_prev, before_prev = self._expected_seq, self._expected_prev, self._before_prev
         r = self.result
-        if r.first_seq is None:
-            r.first_seq = seq
-        r.records += 1
-        if stored in self._unexplained:  # an earlier link pointed forward to this record
-            self._problem(self._unexplained.pop(stored), Kind.REORDERED, "records out of order")
-        if seq > self._expected_seq:
-            self._problem(self._expected_seq, Kind.DELETED, f"records {self._expected_seq}..{seq - 1} are missing")
-        elif seq < self._expected_seq:
-            self._problem(seq, Kind.INSERTED, "sequence number repeats")
-        elif self._expected_prev is not None and prev != self._expected_prev:
-            if prev == self._before_prev:
-                self._problem(seq - 1, Kind.INSERTED, "record not linked from its successor")
-            else:
-                self._unexplained[prev] = seq
-        if record_hash(row[: self._HASH]) != stored:
-            self._problem(seq, Kind.MODIFIED, "record hash does not match its fields")
-        if seq in self._signed.checkpoints:
-            self._stored_at[seq] = stored
-        phase = row[self._PHASE]
-        if phase == "intent":
-            self.open_intents.add(row[self._REQUEST])
-        elif phase == "final":
-            self.open_intents.discard(row[self._REQUEST])
-        self._before_prev, self._expected_prev, self._last_hash = self._expected_prev, stored, stored
-        self._expected_seq = max(self._expected_seq, seq + 1)
-        r.last_seq = seq
+        sha256 = hashlib.sha256
+        counted = 0
+        for row in rows:
+            seq, prev, stored = row[i_seq], row[i_prev], row[i_hash]
+            if seq <= start:
+                continue  # left behind by a prune that stopped half-way: outside the verified range
+            counted += 1
+            if r.first_seq is None:
+                r.first_seq = seq
+            if unexplained and stored in unexplained:  # an earlier link pointed forward to this record
+                problem(unexplained.pop(stored), Kind.REORDERED, "records out of order")
+            if seq != expected_seq:
+                if seq > expected_seq:
+                    problem(expected_seq, Kind.DELETED, f"records {expected_seq}..{seq - 1} are missing")
+                else:
+                    problem(seq, Kind.INSERTED, "sequence number repeats")
+            elif prev != expected_prev and expected_prev is not None:
+                if prev == before_prev:
+                    problem(seq - 1, Kind.INSERTED, "record not linked from its successor")
+                else:
+                    unexplained[prev] = seq
+            if sha256(canonical(row[:i_hash])).hexdigest() != stored:
+                problem(seq, Kind.MODIFIED, "record hash does not match its fields")
+            if seq in checkpointed:
+                stored_at[seq] = stored
+            phase = row[i_phase]
+            if phase == "intent":
+                intents.add(row[i_request])
+            elif phase == "final":
+                intents.discard(row[i_request])
+            before_prev, expected_prev = expected_prev, stored
+            if seq >= expected_seq:
+                expected_seq = seq + 1
+            r.last_seq = seq
+        r.records += counted
+        self._expected_seq, self._expected_prev, self._before_prev = expected_seq, expected_prev, before_prev
+        self._last_hash = expected_prev
 
     def finish(self) -> StreamResult:
         r, signed = self.result, self._signed
@@ -284,45 +302,87 @@ class StreamVerifier:
 
 # ----------------------------------------------------------------- reading SQL
 
-_RECORD_COLUMNS = [audit_records.c[name] for name in HASHED_FIELDS] + [audit_records.c.record_hash]
+_RECORD_COLUMNS = [*HASHED_FIELDS, "record_hash"]
 _CHECKPOINT_COLUMNS = [audit_checkpoints.c[name] for name in Checkpoint.__struct_fields__]
 
 
-async def _records(engine: AsyncEngine, chunk: int = 5000) -> AsyncIterator[tuple[Any, ...]]:
-    """Every chained record ordered by (stream, seq), read in keyset pages."""
-    query = sa.select(*_RECORD_COLUMNS).where(audit_records.c.stream_id.is_not(None))
-    order = (audit_records.c.stream_id, audit_records.c.seq)
-    after: tuple[str, int] | None = None
-    while True:
-        q = query if after is None else query.where(sa.tuple_(*order) > sa.tuple_(*after))
-        async with engine.connect() as conn:
-            rows = (await conn.execute(q.order_by(*order).limit(chunk))).all()
-        for row in rows:
-            yield tuple(row)
-        if len(rows) < chunk:
-            return
-        after = (rows[-1].stream_id, rows[-1].seq)
+def _records_sql(time_text: str) -> str:
+    """The record columns in hash order, times turned into the canonical text by
+    the database itself (`time_text` formats `{}`; NULL stays NULL): no Python
+    datetime is built per row. A time stored in any other form than the writer's
+    no longer matches its hash, which is right: the row was changed."""
+    columns = [time_text.format(c) if c in ("started_at", "ended_at") else c for c in _RECORD_COLUMNS]
+    return (
+        f"SELECT {', '.join(columns)} FROM audit_records"  # noqa: S608 - fixed column names
+        " WHERE stream_id IS NOT NULL ORDER BY stream_id, seq"
+    )
+
+
+# SQLite holds SQLAlchemy's text form `2026-11-24 23:45:12.123456` (UTC).
+_SQLITE_RECORDS = _records_sql("replace({0}, ' ', 'T') || 'Z'")
+_PG_RECORDS = _records_sql("""to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""")
+
+
+async def _sqlite_pages(path: str, chunk: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """Straight from the sqlite3 driver in one read transaction (one snapshot);
+    SQLAlchemy's per-row processing halved the rate (bench/audit_throughput.py)."""
+    conn = await asyncio.to_thread(sqlite3.connect, path, check_same_thread=False)
+    try:
+        cursor = await asyncio.to_thread(conn.execute, _SQLITE_RECORDS)
+        following = asyncio.create_task(asyncio.to_thread(cursor.fetchmany, chunk))
+        while rows := await following:
+            following = asyncio.create_task(asyncio.to_thread(cursor.fetchmany, chunk))
+            yield rows
+    finally:
+        await asyncio.to_thread(conn.close)
+
+
+async def _pg_pages(engine: AsyncEngine, chunk: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """A server-side cursor on asyncpg itself, in one repeatable-read snapshot."""
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        async with raw.transaction(isolation="repeatable_read", readonly=True):
+            cursor = await raw.cursor(_PG_RECORDS)
+            while rows := await cursor.fetch(chunk):
+                yield rows
+
+
+def _records(engine: AsyncEngine, chunk: int = 5000) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """Every chained record, ordered by (stream, seq), page by page."""
+    if engine.dialect.name == "sqlite":
+        assert engine.url.database
+        return _sqlite_pages(engine.url.database, chunk)
+    return _pg_pages(engine, chunk)
 
 
 async def verify_trail(engine: AsyncEngine, trusted: dict[str, Ed25519PublicKey], anchor: AnchorFile | None) -> Report:
-    """Verify every stream in the database (and every stream the anchor knows)."""
+    """Verify every stream in the database (and every stream the anchor knows).
+
+    Read order matters on a live trail: the anchor first, then the SQL
+    checkpoints, then the records. Each is written after the one before it
+    (records, then their checkpoint row, then its anchor line), so everything
+    read earlier is already present in what is read later, and a checkpoint
+    committed meanwhile cannot look like a deletion or a truncation.
+    """
     t0 = time.perf_counter()
+    trail_problems: list[Problem] = []
+    anchored: list[Checkpoint] = []
+    prunes: list[Prune] = []
+    anchor_error: str | None = None
+    if anchor is not None:
+        try:
+            anchored, prunes, bad_lines = anchor.read()
+        except AnchorError as exc:
+            anchor_error, bad_lines = str(exc), []
+        trail_problems += [Problem("-", 0, Kind.ANCHOR_MISSING, f"unreadable anchor {b}") for b in bad_lines]
     async with engine.connect() as conn:
         cps = [Checkpoint(**row._mapping) for row in (await conn.execute(sa.select(*_CHECKPOINT_COLUMNS))).all()]
         legacy = (
             await conn.execute(sa.select(sa.func.count()).where(audit_records.c.stream_id.is_(None)))
         ).scalar_one()
-    trail_problems: list[Problem] = []
-    anchored: list[Checkpoint] = []
-    prunes: list[Prune] = []
-    if anchor is not None:
-        try:
-            anchored, prunes, bad_lines = anchor.read()
-        except AnchorError as exc:
-            if cps:
-                trail_problems.append(Problem("-", 0, Kind.ANCHOR_MISSING, str(exc)))
-            bad_lines = []
-        trail_problems += [Problem("-", 0, Kind.ANCHOR_MISSING, f"unreadable anchor {b}") for b in bad_lines]
+    if anchor_error and cps:
+        trail_problems.append(Problem("-", 0, Kind.ANCHOR_MISSING, anchor_error))
 
     def by_stream(items: Iterable[Any]) -> dict[str, list[Any]]:
         grouped: dict[str, list[Any]] = {}
@@ -350,12 +410,18 @@ async def verify_trail(engine: AsyncEngine, trusted: dict[str, Ed25519PublicKey]
     # Records arrive in (stream, seq) order and are checked as they stream past.
     i_stream = HASHED_FIELDS.index("stream_id")
     current: StreamVerifier | None = None
-    async for row in _records(engine):
-        if current is None or row[i_stream] != current.result.stream_id:
-            if current is not None:
-                done(current)
-            current = verifier(row[i_stream])
-        current.add(row)
+    async for rows in _records(engine):
+        # Hand each run of one stream's rows to that stream's verifier.
+        begin = 0
+        while begin < len(rows):
+            stream_id = rows[begin][i_stream]
+            end = bisect.bisect_right(rows, stream_id, lo=begin, key=itemgetter(i_stream))
+            if current is None or stream_id != current.result.stream_id:
+                if current is not None:
+                    done(current)
+                current = verifier(stream_id)
+            current.add(rows[begin:end])
+            begin = end
     if current is not None:
         done(current)
     for stream_id in (set(sql_by) | set(anchor_by) | set(prune_by)) - set(results):

@@ -92,16 +92,17 @@ class AuditWriter:
             )
         if len(self._pending) >= self._queue_max:
             raise AuditUnavailable("The audit store is overloaded; the call was refused.", audit_reason="queue_full")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        # Each caller has a future of its own, so one giving up (cancelled, or
+        # timed out by the timer) touches nobody else's; the batch skips it.
+        done: asyncio.Future[None] = loop.create_future()
         self._pending.append((row_of(record), payloads, done))
         self._wakeup.set()
+        timer = loop.call_later(self._write_timeout, _time_out, done)
         try:
-            # shield: a caller that gives up must not cancel a batch others share.
-            await asyncio.wait_for(asyncio.shield(done), self._write_timeout)
-        except TimeoutError:
-            raise AuditUnavailable(
-                "The audit store did not answer in time; the call was refused.", audit_reason="write_timeout"
-            ) from None
+            await done
+        finally:
+            timer.cancel()
 
     async def _run(self) -> None:
         while True:
@@ -180,6 +181,15 @@ class AuditWriter:
             await commit
         except Exception as exc:
             log.error("audit.checkpoint_failed", error=type(exc).__name__, detail=str(exc)[:200])
+
+
+def _time_out(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_exception(
+            AuditUnavailable(
+                "The audit store did not answer in time; the call was refused.", audit_reason="write_timeout"
+            )
+        )
 
 
 async def write_quietly(writer: AuditWriter, record: AuditRecord, payloads: Sequence[dict[str, Any]] = ()) -> None:
