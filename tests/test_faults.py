@@ -4,6 +4,8 @@ OpenAI-shaped error; the audit store faults end with the engine never called."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import secrets
 import subprocess
 import sys
@@ -203,3 +205,24 @@ def test_postgres_denying_inserts_refuses_calls(
     finally:
         gw.stop()
         asyncio.run(admin(f"DROP OWNED BY {role}", f"DROP ROLE {role}"))
+
+
+def test_a_stalled_database_fills_the_bounded_queue_and_the_rest_are_refused_at_once(
+    make_gateway: GatewayFactory, tripwire: SocketDouble
+) -> None:
+    """Memory cannot grow without bound: past audit.queue_max waiting records,
+    calls are refused (503) at once instead of buffered."""
+    gw = make_gateway(
+        engines=[EngineRef("m", tripwire.url, "k")],
+        database={"sqlite_busy_timeout_ms": 4000},
+        audit={"queue_max": 4},
+    )
+    key = gw.create_key()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with sqlite_write_lock(gw.database_url.split(":///", 1)[1]), concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: gw.post("/v1/chat/completions", key=key, json=body), range(16)))
+    assert all(a.status_code == 503 and a.json()["error"]["code"] == "audit_unavailable" for a in answers)
+    reasons = [json.loads(line).get("error_type") for line in gw.log_path.read_text().splitlines() if '"call"' in line]
+    assert reasons.count("queue_full") >= 8, reasons
+    assert tripwire.calls == 0
+    _assert_reaches_engine(gw, key, tripwire)
