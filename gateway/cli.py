@@ -28,6 +28,7 @@ from engine import manifest
 from gateway import migrate
 from gateway.audit.capture import rotate_keyring
 from gateway.cli_audit import audit
+from gateway.cli_record import record_action
 from gateway.clikit import CheckFailed, UsageProblem, config_option, echo_json, err_console, run_async, settings_from
 from gateway.keys import ROLES, KeyStore, load_or_create_pepper, write_secret_file
 from gateway.settings import ConfigError, Settings
@@ -227,6 +228,13 @@ def keys_create(
         settings,
         lambda ks: ks.create(name=name, role=role, team=team, expires_at=expiry, can_decrypt=can_decrypt),  # type: ignore[arg-type]
     )
+    detail = {"key_id": new.info.key_id, "name": name, "role": role, "team": team, "can_decrypt": can_decrypt}
+    try:
+        record_action(settings, "keys.create", detail)
+    except CheckFailed:
+        # An admin action that is not on record does not stand.
+        _keystore_call(settings, lambda ks: ks.revoke(new.info.key_id))
+        raise
     if as_json:
         echo_json({**msgspec.structs.asdict(new.info), "key": new.secret})
         return
@@ -240,6 +248,7 @@ def keys_create(
 def keys_list(config_path: Path, as_json: bool) -> None:
     """List keys (never their secrets)."""
     settings = settings_from(config_path)
+    record_action(settings, "keys.list", {})
     infos = _keystore_call(settings, lambda ks: ks.list())
     if as_json:
         echo_json(infos)
@@ -262,6 +271,8 @@ def keys_revoke(config_path: Path, key_id: str) -> None:
     settings = settings_from(config_path)
     if not _keystore_call(settings, lambda ks: ks.revoke(key_id)):
         raise CheckFailed(f"no active key with id {key_id}")
+    # The revocation stands even if it cannot be recorded (the safe direction); exit 1 says so.
+    record_action(settings, "keys.revoke", {"key_id": key_id})
     click.echo(f"revoked {key_id}")
 
 

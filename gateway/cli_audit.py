@@ -1,17 +1,14 @@
 """`bastion audit ...`: verify, query, export, stats, prune, keyring.
 
 These read the database directly (operators on the gateway's host). Like the
-API, each command is itself audited before it shows anything: the CLI process
-writes a system record on a stream of its own (signed and closed like a
-gateway's), so `audit query` leaves the same trace as GET /admin/audit/events.
+API, each command is itself audited before it shows anything
+(gateway.cli_record), so `audit query` leaves the same trace as GET /admin/audit/events.
 """
 
 from __future__ import annotations
 
 import functools
-import getpass
 import sys
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,13 +24,11 @@ from gateway.audit import query
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.capture import rotate_keyring
 from gateway.audit.prune import prune
-from gateway.audit.record import AuditRecord
 from gateway.audit.verify import Report, verify_database
-from gateway.clikit import CheckFailed, UsageProblem, config_option, echo_json, err_console, run_async, settings_from
+from gateway.cli_record import record_action
+from gateway.clikit import UsageProblem, config_option, echo_json, err_console, run_async, settings_from
 from gateway.db import create_engine
-from gateway.errors import AuditUnavailable
-from gateway.hotpath import hot_path_for
-from gateway.services import load_signer, open_writer
+from gateway.services import load_signer
 from gateway.settings import ConfigError, Settings
 from gateway.trust import audit_verify_keys
 
@@ -43,40 +38,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 @click.group("audit")
 def audit() -> None:
     """The tamper-evident audit trail."""
-
-
-async def _record_action(settings: Settings, action: str, detail: dict[str, Any]) -> None:
-    """Write one system record for this CLI action on a stream of its own, then seal the stream."""
-    url = settings.database_url()
-    engine = create_engine(url)
-    hot = hot_path_for(url, engine, busy_timeout_ms=settings.database.sqlite_busy_timeout_ms)
-    writer = open_writer(settings, hot)
-    await writer.start()
-    try:
-        await writer.write(
-            AuditRecord(
-                request_id=uuid.uuid4().hex,
-                phase="system",
-                started_at=datetime.now(UTC),
-                method="CLI",
-                route=f"cli.audit.{action}",
-                auth_method="os_user",
-                key_name=getpass.getuser(),
-                outcome="ok",
-                detail=msgspec.json.encode(detail).decode(),
-            )
-        )
-    finally:
-        await writer.close()
-        await hot.close()
-        await engine.dispose()
-
-
-def record_action(settings: Settings, action: str, detail: dict[str, Any]) -> None:
-    try:
-        run_async(_record_action(settings, action, detail))
-    except (AuditUnavailable, ConfigError) as exc:
-        raise CheckFailed(f"this action could not be audited, so it was not done: {exc}") from None
 
 
 def filter_options(fn: F) -> F:
@@ -151,7 +112,7 @@ def verify_cmd(
         raise UsageProblem(str(exc)) from None
     anchor = None if no_anchor else AnchorFile(Path(anchor_path) if anchor_path else settings.audit_anchor_file)
     report = verify_database(settings.database_url(), trusted, anchor)
-    record_action(settings, "verify", {"intact": report.intact, "records": report.records})
+    record_action(settings, "audit.verify", {"intact": report.intact, "records": report.records})
     if as_json:
         echo_json(report.public())
     else:
@@ -190,7 +151,7 @@ def query_cmd(
 ) -> None:
     """One page of records, newest first."""
     settings = settings_from(config_path)
-    record_action(settings, "query", {"filter": event_filter.public(), "limit": limit, "cursor": cursor})
+    record_action(settings, "audit.query", {"filter": event_filter.public(), "limit": limit, "cursor": cursor})
     page = _with_engine(settings, lambda e: query.page(e, event_filter, limit=limit, cursor=cursor))
     if as_json:
         echo_json({"object": "list", "data": page.events, "next_cursor": page.next_cursor})
@@ -216,7 +177,7 @@ def export_cmd(config_path: Path, event_filter: query.EventFilter, fmt: str, out
     import csv
 
     settings = settings_from(config_path)
-    record_action(settings, "export", {"filter": event_filter.public(), "format": fmt, "out": out})
+    record_action(settings, "audit.export", {"filter": event_filter.public(), "format": fmt, "out": out})
 
     async def go(engine: Any) -> int:
         count = 0
@@ -248,7 +209,7 @@ def export_cmd(config_path: Path, event_filter: query.EventFilter, fmt: str, out
 def stats_cmd(config_path: Path, event_filter: query.EventFilter, bucket: str, as_json: bool) -> None:
     """Calls and tokens per time bucket, model, team and outcome."""
     settings = settings_from(config_path)
-    record_action(settings, "stats", {"filter": event_filter.public(), "bucket": bucket})
+    record_action(settings, "audit.stats", {"filter": event_filter.public(), "bucket": bucket})
     rows = _with_engine(settings, lambda e: query.stats(e, event_filter, bucket))  # type: ignore[arg-type]
     if as_json:
         echo_json({"object": "list", "bucket": bucket, "data": rows})
@@ -279,7 +240,7 @@ def prune_cmd(config_path: Path, before: str, yes: bool, as_json: bool) -> None:
         signer = load_signer(settings)
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
-    record_action(settings, "prune", {"before": cut.isoformat()})
+    record_action(settings, "audit.prune", {"before": cut.isoformat()})
     pruned = _with_engine(settings, lambda e: prune(e, signer, AnchorFile(settings.audit_anchor_file), cut))
     result = [{"stream_id": p.stream_id, "through_seq": p.through, "records": p.records} for p in pruned]
     if as_json:
@@ -301,5 +262,5 @@ def keyring_rotate(config_path: Path) -> None:
     """Add a new key and make it the one new payloads are encrypted with (old ones stay readable)."""
     settings = settings_from(config_path)
     key_id = rotate_keyring(settings.audit_keyring_file)
-    record_action(settings, "keyring_rotate", {"key_id": key_id})
+    record_action(settings, "audit.keyring_rotate", {"key_id": key_id})
     click.echo(f"active payload key {key_id}; restart or reload the gateway to use it")

@@ -145,8 +145,10 @@ def test_cli_query_export_stats_and_prune_are_audited(gw: Gateway) -> None:
     assert sum(r["calls"] for r in stats["data"] if r["team"] == "risk") == 3
     assert gw.bastion("audit", "query", "--since", "soon", check=False).returncode == 2
 
-    actions = {r["route"] for r in gw.records() if r["route"].startswith("cli.audit.")}
-    assert actions == {"cli.audit.query", "cli.audit.export", "cli.audit.stats"}
+    actions = {r["route"] for r in gw.records() if r["route"].startswith("cli.")}
+    assert actions == {"cli.keys.create", "cli.audit.query", "cli.audit.export", "cli.audit.stats"}
+    created = next(r for r in gw.records() if r["route"] == "cli.keys.create")
+    assert json.loads(created["detail"])["key_id"] == user.split("_")[1] and created["auth_method"] == "os_user"
 
     gw.stop()  # a clean stop closes the gateway's stream with a signed checkpoint
     cut = datetime.now(UTC).isoformat()

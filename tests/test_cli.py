@@ -182,7 +182,7 @@ def test_up_starts_engine_and_gateway_and_stops_both_on_ctrl_c(
     output = proc.stdout.read() if proc.stdout else b""
     assert b"model tiny: verified" in output and b"engine tiny: healthy" in output
     # The gateway reused up's verification: one boot event, no second hashing pass.
-    events = [r for r in fetch_records(f"sqlite+aiosqlite:///{db}") if r["phase"] == "system"]
+    events = [r for r in fetch_records(f"sqlite+aiosqlite:///{db}") if r["route"] == "model.verify"]
     assert [(e["model"], e["outcome"]) for e in events] == [("tiny", "ok")]
 
 

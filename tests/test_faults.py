@@ -214,7 +214,8 @@ def test_a_stalled_database_fills_the_bounded_queue_and_the_rest_are_refused_at_
     calls are refused (503) at once instead of buffered."""
     gw = make_gateway(
         engines=[EngineRef("m", tripwire.url, "k")],
-        database={"sqlite_busy_timeout_ms": 4000},
+        gateway={"engine_read_timeout": 1.0},
+        database={"sqlite_busy_timeout_ms": 2000},
         audit={"queue_max": 4},
     )
     key = gw.create_key()

@@ -1,0 +1,57 @@
+"""The CLI's own audit trail: every operator command that reads the trail or
+changes who may call (keys, prune, keyring) writes a `system` record naming the
+OS user, on a stream of its own, signed and sealed like a gateway's. If the
+record cannot be written, the command does not go ahead (or, where it already
+happened, says so and exits 1).
+"""
+
+from __future__ import annotations
+
+import getpass
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from gateway.audit.record import AuditRecord
+from gateway.clikit import CheckFailed, run_async
+from gateway.db import create_engine
+from gateway.errors import AuditUnavailable
+from gateway.hotpath import hot_path_for
+from gateway.services import open_writer
+from gateway.settings import ConfigError, Settings
+
+
+async def _record_action(settings: Settings, action: str, detail: dict[str, Any]) -> None:
+    """Write one system record `cli.<action>` on a stream of its own, then seal the stream."""
+    url = settings.database_url()
+    engine = create_engine(url)
+    hot = hot_path_for(url, engine, busy_timeout_ms=settings.database.sqlite_busy_timeout_ms)
+    writer = open_writer(settings, hot)
+    await writer.start()
+    try:
+        await writer.write(
+            AuditRecord(
+                request_id=uuid.uuid4().hex,
+                phase="system",
+                started_at=datetime.now(UTC),
+                method="CLI",
+                route=f"cli.{action}",
+                auth_method="os_user",
+                key_name=getpass.getuser(),
+                outcome="ok",
+                detail=msgspec.json.encode(detail).decode(),
+            )
+        )
+    finally:
+        await writer.close()
+        await hot.close()
+        await engine.dispose()
+
+
+def record_action(settings: Settings, action: str, detail: dict[str, Any]) -> None:
+    try:
+        run_async(_record_action(settings, action, detail))
+    except (AuditUnavailable, ConfigError) as exc:
+        raise CheckFailed(f"this action could not be audited, so it was not done: {exc}") from None
