@@ -8,7 +8,7 @@ nothing (no hashes, no checkpoints): the baseline. Targets (issue 9): chained
 records at least 10,000/s into SQLite and 5,000/s into PostgreSQL; verify at
 least 100,000 records/s.
 
-    .venv/bin/python bench/audit_throughput.py [--db sqlite|postgres|both] [--records 100000] [--callers 512]
+    .venv/bin/python bench/audit_throughput.py [--db sqlite|postgres|both] [--records 100000] [--callers 2048]
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--records", type=int, default=100_000, help="records per round and side")
-    parser.add_argument("--callers", type=int, default=512, help="concurrent writers")
+    parser.add_argument("--callers", type=int, default=2048, help="concurrent writers (closed loop)")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bastion-audit-bench-"))

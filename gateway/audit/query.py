@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.audit.record import iso
+from gateway.errors import BadRequest
 from gateway.tables import audit_payloads, audit_records
 
 EVENT_FIELDS: tuple[str, ...] = tuple(c.name for c in audit_records.columns)
@@ -27,8 +28,11 @@ Bucket = Literal["minute", "hour", "day"]
 _SQLITE_BUCKETS = {"minute": "%Y-%m-%dT%H:%M:00Z", "hour": "%Y-%m-%dT%H:00:00Z", "day": "%Y-%m-%dT00:00:00Z"}
 
 
-class QueryError(ValueError):
+class QueryError(BadRequest):
     """A filter, cursor or parameter that cannot be used (HTTP 400, CLI exit 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, audit_reason="invalid_query")
 
 
 class EventFilter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

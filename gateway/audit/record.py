@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 import msgspec
@@ -106,5 +107,8 @@ def record_hash(values: Sequence[Any]) -> str:
     return hashlib.sha256(canonical(values)).hexdigest()
 
 
+_hashed_values = itemgetter(*HASHED_FIELDS)
+
+
 def hash_row(row: dict[str, Any]) -> str:
-    return record_hash([row[name] for name in HASHED_FIELDS])
+    return record_hash(_hashed_values(row))

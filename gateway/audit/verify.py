@@ -338,14 +338,21 @@ async def _sqlite_pages(path: str, chunk: int) -> AsyncIterator[list[tuple[Any, 
 
 
 async def _pg_pages(engine: AsyncEngine, chunk: int) -> AsyncIterator[list[tuple[Any, ...]]]:
-    """A server-side cursor on asyncpg itself, in one repeatable-read snapshot."""
+    """A server-side cursor on asyncpg itself, in one repeatable-read snapshot
+    (SQLAlchemy's row processing cost a third of the rate)."""
     async with engine.connect() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
         async with raw.transaction(isolation="repeatable_read", readonly=True):
             cursor = await raw.cursor(_PG_RECORDS)
-            while rows := await cursor.fetch(chunk):
-                yield rows
+            # The server produces the next page while this one is hashed.
+            following = asyncio.create_task(cursor.fetch(chunk))
+            try:
+                while rows := await following:
+                    following = asyncio.create_task(cursor.fetch(chunk))
+                    yield rows
+            finally:
+                following.cancel()
 
 
 def _records(engine: AsyncEngine, chunk: int = 5000) -> AsyncIterator[list[tuple[Any, ...]]]:
