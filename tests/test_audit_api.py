@@ -245,12 +245,16 @@ def _sql(gw: Gateway, statement: str) -> None:
     asyncio.run(go())
 
 
-def test_sigkill_under_load_loses_no_answered_call(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> None:
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_sigkill_under_load_loses_no_answered_call(
+    make_gateway: GatewayFactory, vllm_engine: EngineRef, db: str, request: pytest.FixtureRequest
+) -> None:
     import concurrent.futures
 
     import httpx
 
-    gw = make_gateway(engines=[vllm_engine], audit={"checkpoint_every": 7})
+    url = request.getfixturevalue("fresh_pg_url") if db == "postgres" else None
+    gw = make_gateway(engines=[vllm_engine], database_url=url, audit={"checkpoint_every": 7})
     key = gw.create_key()
     answered: list[str] = []
     stop = time.monotonic() + 3.0
