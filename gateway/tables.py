@@ -45,7 +45,8 @@ api_keys = Table(
 audit_records = Table(
     "audit_records",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    # 64-bit (on SQLite an INTEGER PRIMARY KEY is already 64-bit and must stay INTEGER).
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     # The hash chain (gateway.audit.chain): one stream per writing process,
     # numbered from 1; each record hashes all its fields and its predecessor's hash.
     # Nullable only for rows written before the chain existed (migration 0003).

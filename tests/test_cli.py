@@ -102,8 +102,9 @@ def test_config_error_names_the_field(tmp_path: Path) -> None:
     assert "$.gateway.port" in result.stderr
 
 
-def test_migrations_match_the_table_definitions(tmp_path: Path) -> None:
-    """tables.py describes exactly what the migrations create."""
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_migrations_match_the_table_definitions(tmp_path: Path, db: str, request: pytest.FixtureRequest) -> None:
+    """tables.py describes exactly what the migrations create, on both databases."""
     import asyncio
 
     from alembic.autogenerate import compare_metadata
@@ -113,7 +114,9 @@ def test_migrations_match_the_table_definitions(tmp_path: Path) -> None:
     from gateway.db import create_engine
     from gateway.tables import metadata
 
-    url = f"sqlite+aiosqlite:///{tmp_path / 'schema.db'}"
+    url = (
+        request.getfixturevalue("fresh_pg_url") if db == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'schema.db'}"
+    )
     migrate.upgrade(url)
 
     async def diff() -> list[object]:

@@ -23,6 +23,11 @@ depends_on = None
 
 
 def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        # A 32-bit id runs out after 2**31 records: at 200 records/s, in four
+        # months. (SQLite's INTEGER PRIMARY KEY is 64-bit already.)
+        op.alter_column("audit_records", "id", type_=sa.BigInteger, existing_type=sa.Integer, existing_nullable=False)
+        op.execute("ALTER SEQUENCE audit_records_id_seq AS bigint")
     with op.batch_alter_table("audit_records") as batch:
         batch.add_column(sa.Column("stream_id", sa.String(32), nullable=True))
         batch.add_column(sa.Column("seq", sa.BigInteger, nullable=True))
@@ -80,3 +85,6 @@ def downgrade() -> None:
     with op.batch_alter_table("audit_records") as batch:
         for column in ("capture", "record_hash", "prev_hash", "seq", "stream_id"):
             batch.drop_column(column)
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("ALTER SEQUENCE audit_records_id_seq AS integer")
+        op.alter_column("audit_records", "id", type_=sa.Integer, existing_type=sa.BigInteger, existing_nullable=False)
