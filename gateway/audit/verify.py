@@ -355,7 +355,7 @@ async def _pg_pages(engine: AsyncEngine, chunk: int) -> AsyncIterator[list[tuple
                 following.cancel()
 
 
-def _records(engine: AsyncEngine, chunk: int = 5000) -> AsyncIterator[list[tuple[Any, ...]]]:
+def _records(engine: AsyncEngine, chunk: int = 2000) -> AsyncIterator[list[tuple[Any, ...]]]:
     """Every chained record, ordered by (stream, seq), page by page."""
     if engine.dialect.name == "sqlite":
         assert engine.url.database
