@@ -341,3 +341,32 @@ def test_an_intent_without_outcome_is_an_incomplete_call_not_tampering(trail: Tr
     assert report.incomplete_calls == ["cut-off"]
     crashed = next(s for s in report.streams if s.stream_id == trail.stream_id)
     assert not crashed.closed and crashed.unanchored == 1
+
+
+def test_a_quiet_stream_is_checkpointed_after_checkpoint_seconds(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'quiet.db'}"
+    migrate.upgrade(url)
+    t = Trail(url, tmp_path)
+
+    async def go() -> list[int]:
+        engine = create_engine(url)
+        hot = hot_path_for(url, engine, busy_timeout_ms=5000)
+        writer = AuditWriter.for_process(hot, t.signer, t.anchor, every=1000, seconds=0.2, queue_max=10, batch_max=5)
+        await writer.start()
+        now = datetime.now(UTC)
+        for i in range(3):
+            await writer.write(record(i, now))
+        # No more records come; the timed checkpoint must still cover the three.
+        for _ in range(100):
+            if writer.chain.checkpointed == 3:
+                break
+            await asyncio.sleep(0.05)
+        seqs = [cp.seq for cp in t.anchor.read()[0]]
+        writer._task.cancel()  # type: ignore[union-attr]  # die without the closing seal
+        await hot.close()
+        await engine.dispose()
+        return seqs
+
+    assert asyncio.run(go()) == [0, 3]
+    report = t.verify()
+    assert report.intact and report.streams[0].unanchored == 0 and not report.streams[0].closed

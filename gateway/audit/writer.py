@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from gateway.errors import AuditUnavailable
 from gateway.hotpath import Batch, HotPath
 
 log = structlog.get_logger("bastion.audit")
+_CHECKPOINT_RETRY_SECONDS = 1.0
 
 _Pending = tuple[dict[str, Any], Sequence[dict[str, Any]], asyncio.Future[None]]
 
@@ -58,6 +60,7 @@ class AuditWriter:
         self._closing = False
         # After a failed commit the database may or may not hold the batch.
         self._resync = False
+        self._retry_at = 0.0
 
     @classmethod
     def for_process(
@@ -111,11 +114,13 @@ class AuditWriter:
                     await self._seal()
                     return
                 self._wakeup.clear()
-                wait = self.chain.seconds_until_checkpoint()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), wait)
-                if not self._pending and not self._closing and self.chain.seconds_until_checkpoint() == 0:
-                    await self._quietly(self._commit([]))  # a checkpoint falls due with no new records
+                    await asyncio.wait_for(self._wakeup.wait(), self._idle_wait())
+                # A checkpoint falls due with no new records. If it fails
+                # (database down), it is retried after a pause, not in a loop.
+                due = not self._pending and not self._closing and self._idle_wait() == 0
+                if due and not await self._quietly(self._commit([])):
+                    self._retry_at = time.monotonic() + _CHECKPOINT_RETRY_SECONDS
                 continue
             batch = [self._pending.popleft() for _ in range(min(self._batch_max, len(self._pending)))]
             try:
@@ -175,12 +180,21 @@ class AuditWriter:
             self._commit([(row_of(closing), (), asyncio.get_running_loop().create_future())], closing=True)
         )
 
-    async def _quietly(self, commit: Any) -> None:
+    def _idle_wait(self) -> float | None:
+        """Seconds until a timed checkpoint is due (None: nothing to checkpoint)."""
+        due = self.chain.seconds_until_checkpoint()
+        if due is None:
+            return None
+        return max(due, self._retry_at - time.monotonic(), 0.0)
+
+    async def _quietly(self, commit: Any) -> bool:
         """A commit nobody waits on (timed checkpoints, the closing seal): log failures."""
         try:
             await commit
         except Exception as exc:
             log.error("audit.checkpoint_failed", error=type(exc).__name__, detail=str(exc)[:200])
+            return False
+        return True
 
 
 def _time_out(done: asyncio.Future[None]) -> None:
