@@ -344,6 +344,9 @@ async def _pg_pages(engine: AsyncEngine, chunk: int) -> AsyncIterator[list[tuple
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
         async with raw.transaction(isolation="repeatable_read", readonly=True):
+            # PostgreSQL's JIT compiles this whole-table query's expressions on
+            # every run; off, the verifier went from 88k to 103k-112k records/s.
+            await raw.execute("SET LOCAL jit = off")
             cursor = await raw.cursor(_PG_RECORDS)
             # The server produces the next page while this one is hashed.
             following = asyncio.create_task(cursor.fetch(chunk))
