@@ -62,10 +62,11 @@ class Result:
         return self.records / self.seconds
 
 
-def record(i: int) -> AuditRecord:
+def record(i: int, run: str) -> AuditRecord:
+    """Records come in pairs, as calls write them: intent (even i), then final of the same request."""
     now = datetime.now(UTC)
     return AuditRecord(
-        request_id=secrets.token_hex(16),
+        request_id=f"{run}{i // 2:016x}",
         phase="final" if i % 2 else "intent",
         started_at=now,
         ended_at=now,
@@ -99,7 +100,9 @@ async def write_load(
     writer = AuditWriter(hot, chain, anchor, queue_max=callers * 2, batch_max=512)
     await writer.start()
     per_caller = records // callers
-    made = [record(i) for i in range(per_caller * callers)]
+    per_caller -= per_caller % 2  # each caller writes whole intent/final pairs, in order
+    run = secrets.token_hex(8)
+    made = [record(i, run) for i in range(per_caller * callers)]
 
     async def caller(c: int) -> None:
         for i in range(per_caller):
@@ -157,7 +160,7 @@ def run(kind: str, args: argparse.Namespace, folder: Path, signer: Signer) -> di
                 )
         trusted = {signer.key_id: signer.key.public_key()}
         reports = [verify_database(urls["chained"], trusted, anchor) for _ in range(args.rounds + 1)]
-        assert all(r.intact for r in reports), reports[0].public()
+        assert all(r.intact and not r.incomplete_calls for r in reports), reports[0].public()
         report = min(reports, key=lambda r: r.seconds)
         best = {side: max(r.rate for r in rs) for side, rs in results.items()}
         return {
