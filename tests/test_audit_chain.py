@@ -370,3 +370,21 @@ def test_a_quiet_stream_is_checkpointed_after_checkpoint_seconds(tmp_path: Path)
     assert asyncio.run(go()) == [0, 3]
     report = t.verify()
     assert report.intact and report.streams[0].unanchored == 0 and not report.streams[0].closed
+
+
+def test_streams_verified_in_worker_processes_give_the_same_findings(
+    trail: Trail, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.audit import verify
+
+    first = trail.stream_id
+    trail.write(30)  # a second stream, so there is work to share out
+    trail.stream_id = first
+    trail.sql("DELETE FROM audit_records WHERE stream_id = :s AND seq = 17")
+    inline = trail.verify()
+    monkeypatch.setattr(verify, "PARALLEL_MIN_RECORDS", 0)
+    shared = trail.verify()
+    assert [s.public() for s in shared.streams] == [s.public() for s in inline.streams]
+    broken = next(s for s in shared.streams if s.stream_id == first).first_problem
+    assert broken is not None and (broken.kind, broken.seq) == (Kind.DELETED, 17)
+    assert sorted(s.records for s in shared.streams) == [31, RECORDS]

@@ -29,15 +29,19 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
+import multiprocessing
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -306,7 +310,7 @@ _RECORD_COLUMNS = [*HASHED_FIELDS, "record_hash"]
 _CHECKPOINT_COLUMNS = [audit_checkpoints.c[name] for name in Checkpoint.__struct_fields__]
 
 
-def _records_sql(time_text: str) -> str:
+def _records_sql(time_text: str, only: str = "") -> str:
     """The record columns in hash order, times turned into the canonical text by
     the database itself (`time_text` formats `{}`; NULL stays NULL): no Python
     datetime is built per row. A time stored in any other form than the writer's
@@ -314,21 +318,22 @@ def _records_sql(time_text: str) -> str:
     columns = [time_text.format(c) if c in ("started_at", "ended_at") else c for c in _RECORD_COLUMNS]
     return (
         f"SELECT {', '.join(columns)} FROM audit_records"  # noqa: S608 - fixed column names
-        " WHERE stream_id IS NOT NULL ORDER BY stream_id, seq"
+        f" WHERE stream_id IS NOT NULL {only} ORDER BY stream_id, seq"
     )
 
 
 # SQLite holds SQLAlchemy's text form `2026-11-24 23:45:12.123456` (UTC).
-_SQLITE_RECORDS = _records_sql("replace({0}, ' ', 'T') || 'Z'")
-_PG_RECORDS = _records_sql("""to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""")
+_SQLITE_TIME = "replace({0}, ' ', 'T') || 'Z'"
+_PG_TIME = """to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
 
 
-async def _sqlite_pages(path: str, chunk: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+async def _sqlite_pages(path: str, chunk: int, streams: Sequence[str] | None) -> AsyncIterator[list[tuple[Any, ...]]]:
     """Straight from the sqlite3 driver in one read transaction (one snapshot);
     SQLAlchemy's per-row processing halved the rate (bench/audit_throughput.py)."""
+    only = f"AND stream_id IN ({', '.join('?' * len(streams))})" if streams else ""
     conn = await asyncio.to_thread(sqlite3.connect, path, check_same_thread=False)
     try:
-        cursor = await asyncio.to_thread(conn.execute, _SQLITE_RECORDS)
+        cursor = await asyncio.to_thread(conn.execute, _records_sql(_SQLITE_TIME, only), tuple(streams or ()))
         following = asyncio.create_task(asyncio.to_thread(cursor.fetchmany, chunk))
         while rows := await following:
             following = asyncio.create_task(asyncio.to_thread(cursor.fetchmany, chunk))
@@ -337,7 +342,9 @@ async def _sqlite_pages(path: str, chunk: int) -> AsyncIterator[list[tuple[Any, 
         await asyncio.to_thread(conn.close)
 
 
-async def _pg_pages(engine: AsyncEngine, chunk: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+async def _pg_pages(
+    engine: AsyncEngine, chunk: int, streams: Sequence[str] | None
+) -> AsyncIterator[list[tuple[Any, ...]]]:
     """A server-side cursor on asyncpg itself, in one repeatable-read snapshot
     (SQLAlchemy's row processing cost a third of the rate)."""
     async with engine.connect() as conn:
@@ -347,7 +354,10 @@ async def _pg_pages(engine: AsyncEngine, chunk: int) -> AsyncIterator[list[tuple
             # PostgreSQL's JIT compiles this whole-table query's expressions on
             # every run; off, the verifier went from 88k to 103k-112k records/s.
             await raw.execute("SET LOCAL jit = off")
-            cursor = await raw.cursor(_PG_RECORDS)
+            if streams:
+                cursor = await raw.cursor(_records_sql(_PG_TIME, "AND stream_id = ANY($1::varchar[])"), list(streams))
+            else:
+                cursor = await raw.cursor(_records_sql(_PG_TIME))
             # The server produces the next page while this one is hashed.
             following = asyncio.create_task(cursor.fetch(chunk))
             try:
@@ -358,12 +368,93 @@ async def _pg_pages(engine: AsyncEngine, chunk: int) -> AsyncIterator[list[tuple
                 following.cancel()
 
 
-def _records(engine: AsyncEngine, chunk: int = 2000) -> AsyncIterator[list[tuple[Any, ...]]]:
-    """Every chained record, ordered by (stream, seq), page by page."""
+def _records(
+    engine: AsyncEngine, streams: Sequence[str] | None = None, chunk: int = 2000
+) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """Every chained record (of `streams`, or all), ordered by (stream, seq), page by page."""
     if engine.dialect.name == "sqlite":
         assert engine.url.database
-        return _sqlite_pages(engine.url.database, chunk)
-    return _pg_pages(engine, chunk)
+        return _sqlite_pages(engine.url.database, chunk, streams)
+    return _pg_pages(engine, chunk, streams)
+
+
+@dataclass(frozen=True)
+class _TrailSigned:
+    """What a stream's verifier needs besides its records (picklable, for worker processes)."""
+
+    sql: dict[str, list[Checkpoint]]
+    anchored: dict[str, list[Checkpoint]]
+    prunes: dict[str, list[Prune]]
+    trusted: dict[str, bytes]  # raw Ed25519 public keys by key id
+
+    def verifier(self, stream_id: str, trusted: dict[str, Ed25519PublicKey]) -> StreamVerifier:
+        return StreamVerifier(
+            stream_id,
+            trusted=trusted,
+            sql_checkpoints=self.sql.get(stream_id, ()),
+            anchor_checkpoints=self.anchored.get(stream_id, ()),
+            prunes=self.prunes.get(stream_id, ()),
+        )
+
+
+async def _check_records(
+    engine: AsyncEngine, signed: _TrailSigned, streams: Sequence[str] | None = None
+) -> tuple[list[StreamResult], set[str]]:
+    """Feed every record (of `streams`, or all) to its stream's verifier."""
+    trusted = {k: Ed25519PublicKey.from_public_bytes(v) for k, v in signed.trusted.items()}
+    results: list[StreamResult] = []
+    incomplete: set[str] = set()
+    i_stream = HASHED_FIELDS.index("stream_id")
+    current: StreamVerifier | None = None
+
+    def done(v: StreamVerifier) -> None:
+        results.append(v.finish())
+        incomplete.update(v.open_intents)
+
+    # Records arrive in (stream, seq) order and are checked as they stream past.
+    async for rows in _records(engine, streams):
+        # Hand each run of one stream's rows to that stream's verifier.
+        begin = 0
+        while begin < len(rows):
+            stream_id = rows[begin][i_stream]
+            end = bisect.bisect_right(rows, stream_id, lo=begin, key=itemgetter(i_stream))
+            if current is None or stream_id != current.result.stream_id:
+                if current is not None:
+                    done(current)
+                current = signed.verifier(stream_id, trusted)
+            current.add(rows[begin:end])
+            begin = end
+    if current is not None:
+        done(current)
+    return results, incomplete
+
+
+def _check_in_process(url: str, signed: _TrailSigned, streams: list[str]) -> tuple[list[StreamResult], set[str]]:
+    """A worker process's share: some streams, on an engine of its own."""
+
+    async def go() -> tuple[list[StreamResult], set[str]]:
+        engine = create_engine(url)
+        try:
+            return await _check_records(engine, signed, streams)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+# Below this many records (estimated from the checkpoints) starting processes costs more than it saves.
+PARALLEL_MIN_RECORDS = 100_000
+
+
+def _shares(sizes: dict[str, int], workers: int) -> list[list[str]]:
+    """Streams split into `workers` lists of about equal records (largest first, to the lightest)."""
+    shares: list[list[str]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for stream_id, size in sorted(sizes.items(), key=lambda kv: -kv[1]):
+        i = load.index(min(load))
+        shares[i].append(stream_id)
+        load[i] += size
+    return [s for s in shares if s]
 
 
 async def verify_trail(engine: AsyncEngine, trusted: dict[str, Ed25519PublicKey], anchor: AnchorFile | None) -> Report:
@@ -400,42 +491,32 @@ async def verify_trail(engine: AsyncEngine, trusted: dict[str, Ed25519PublicKey]
             grouped.setdefault(item.stream_id, []).append(item)
         return grouped
 
-    sql_by, anchor_by, prune_by = by_stream(cps), by_stream(anchored), by_stream(prunes)
-    incomplete: set[str] = set()
-    results: dict[str, StreamResult] = {}
-
-    def verifier(stream_id: str) -> StreamVerifier:
-        return StreamVerifier(
-            stream_id,
-            trusted=trusted,
-            sql_checkpoints=sql_by.get(stream_id, ()),
-            anchor_checkpoints=anchor_by.get(stream_id, ()),
-            prunes=prune_by.get(stream_id, ()),
-        )
-
-    def done(v: StreamVerifier) -> None:
-        results[v.result.stream_id] = v.finish()
-        incomplete.update(v.open_intents)
-
-    # Records arrive in (stream, seq) order and are checked as they stream past.
-    i_stream = HASHED_FIELDS.index("stream_id")
-    current: StreamVerifier | None = None
-    async for rows in _records(engine):
-        # Hand each run of one stream's rows to that stream's verifier.
-        begin = 0
-        while begin < len(rows):
-            stream_id = rows[begin][i_stream]
-            end = bisect.bisect_right(rows, stream_id, lo=begin, key=itemgetter(i_stream))
-            if current is None or stream_id != current.result.stream_id:
-                if current is not None:
-                    done(current)
-                current = verifier(stream_id)
-            current.add(rows[begin:end])
-            begin = end
-    if current is not None:
-        done(current)
-    for stream_id in (set(sql_by) | set(anchor_by) | set(prune_by)) - set(results):
-        done(verifier(stream_id))
+    raw = {k: v.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) for k, v in trusted.items()}
+    signed = _TrailSigned(by_stream(cps), by_stream(anchored), by_stream(prunes), raw)
+    # Each stream verifies on its own, so a trail of many streams (every gateway
+    # worker, restart and CLI command writes one) is split across processes.
+    sizes = {sid: max(cp.seq for cp in items) for sid, items in signed.sql.items()}
+    workers = min(os.cpu_count() or 1, len(sizes))
+    if workers > 1 and sum(sizes.values()) >= PARALLEL_MIN_RECORDS:
+        async with engine.connect() as conn:
+            present = (await conn.execute(sa.select(audit_records.c.stream_id).distinct())).scalars().all()
+        sizes |= {sid: 0 for sid in present if sid is not None and sid not in sizes}
+        url = engine.url.render_as_string(hide_password=False)
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = await asyncio.gather(
+                *(
+                    loop.run_in_executor(pool, _check_in_process, url, signed, share)
+                    for share in _shares(sizes, workers)
+                )
+            )
+    else:
+        parts = [await _check_records(engine, signed)]
+    results = {r.stream_id: r for part, _ in parts for r in part}
+    incomplete = {rid for _, part in parts for rid in part}
+    known = set(signed.sql) | set(signed.anchored) | set(signed.prunes)
+    for stream_id in sorted(known - set(results)):
+        results[stream_id] = signed.verifier(stream_id, trusted).finish()
     streams = sorted(results.values(), key=lambda r: r.stream_id)
     return Report(
         streams=streams,
