@@ -29,7 +29,7 @@ from gateway import migrate
 from gateway.audit.capture import rotate_keyring
 from gateway.cli_audit import audit
 from gateway.cli_record import record_action
-from gateway.clikit import CheckFailed, UsageProblem, config_option, echo_json, err_console, run_async, settings_from
+from gateway.clikit import CheckFailed, UsageProblem, config_option, echo_json, err_console, settings_from
 from gateway.keys import ROLES, KeyStore, load_or_create_pepper, write_secret_file
 from gateway.settings import ConfigError, Settings
 
@@ -169,17 +169,11 @@ def keys() -> None:
 
 
 def _keystore_call(settings: Settings, fn: Callable[[KeyStore], Any]) -> Any:
-    from gateway.db import create_engine
+    from gateway.db import run_with_engine
 
-    async def go() -> Any:
-        engine = create_engine(settings.database_url())
-        try:
-            return await fn(KeyStore(engine, load_or_create_pepper(settings.key_pepper_file)))
-        finally:
-            await engine.dispose()
-
+    pepper = load_or_create_pepper(settings.key_pepper_file)
     try:
-        return run_async(go())
+        return run_with_engine(settings.database_url(), lambda engine: fn(KeyStore(engine, pepper)))
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
 

@@ -26,8 +26,8 @@ from gateway.audit.capture import rotate_keyring
 from gateway.audit.prune import prune
 from gateway.audit.verify import Report, verify_database
 from gateway.cli_record import record_action
-from gateway.clikit import UsageProblem, config_option, echo_json, err_console, run_async, settings_from
-from gateway.db import create_engine
+from gateway.clikit import UsageProblem, config_option, echo_json, err_console, settings_from
+from gateway.db import run_with_engine
 from gateway.services import load_signer
 from gateway.settings import ConfigError, Settings
 from gateway.trust import audit_verify_keys
@@ -70,15 +70,8 @@ def filter_options(fn: F) -> F:
 
 
 def _with_engine(settings: Settings, fn: Callable[[Any], Any]) -> Any:
-    async def go() -> Any:
-        engine = create_engine(settings.database_url())
-        try:
-            return await fn(engine)
-        finally:
-            await engine.dispose()
-
     try:
-        return run_async(go())
+        return run_with_engine(settings.database_url(), fn)
     except query.QueryError as exc:
         raise UsageProblem(str(exc)) from None
 

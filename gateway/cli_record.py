@@ -13,20 +13,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.audit.record import AuditRecord
-from gateway.clikit import CheckFailed, run_async
-from gateway.db import create_engine
+from gateway.clikit import CheckFailed
+from gateway.db import run_with_engine
 from gateway.errors import AuditUnavailable
 from gateway.hotpath import hot_path_for
 from gateway.services import open_writer
 from gateway.settings import ConfigError, Settings
 
 
-async def _record_action(settings: Settings, action: str, detail: dict[str, Any]) -> None:
+async def _record_action(settings: Settings, engine: AsyncEngine, action: str, detail: dict[str, Any]) -> None:
     """Write one system record `cli.<action>` on a stream of its own, then seal the stream."""
     url = settings.database_url()
-    engine = create_engine(url)
     hot = hot_path_for(url, engine, busy_timeout_ms=settings.database.sqlite_busy_timeout_ms)
     writer = open_writer(settings, hot)
     await writer.start()
@@ -47,11 +47,10 @@ async def _record_action(settings: Settings, action: str, detail: dict[str, Any]
     finally:
         await writer.close()
         await hot.close()
-        await engine.dispose()
 
 
 def record_action(settings: Settings, action: str, detail: dict[str, Any]) -> None:
     try:
-        run_async(_record_action(settings, action, detail))
+        run_with_engine(settings.database_url(), lambda engine: _record_action(settings, engine, action, detail))
     except (AuditUnavailable, ConfigError) as exc:
         raise CheckFailed(f"this action could not be audited, so it was not done: {exc}") from None

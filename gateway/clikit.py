@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -53,10 +52,6 @@ def settings_from(path: Path) -> Settings:
         raise UsageProblem(str(exc)) from None
     logs.configure(settings.logging.level)
     return settings
-
-
-def run_async(coro: Any) -> Any:
-    return asyncio.run(coro)
 
 
 def echo_json(data: Any) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -40,3 +41,20 @@ def create_engine(url: str, *, sqlite_busy_timeout_ms: int = 5000, pool_size: in
     engine = create_async_engine(url)
     event.listen(engine.sync_engine, "connect", sqlite_pragmas(sqlite_busy_timeout_ms))
     return engine
+
+
+T = TypeVar("T")
+
+
+def run_with_engine(url: str, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run `work` on an event loop and engine of its own, then dispose of the
+    engine: a CLI command, or verification on a worker thread or process."""
+
+    async def go() -> T:
+        engine = create_engine(url)
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())

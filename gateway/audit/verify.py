@@ -33,12 +33,12 @@ import multiprocessing
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from operator import itemgetter
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
@@ -48,10 +48,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.audit.anchor import AnchorError, AnchorFile
 from gateway.audit.chain import Checkpoint, Prune, signature_valid
 from gateway.audit.record import GENESIS, HASHED_FIELDS, canonical
-from gateway.db import create_engine
+from gateway.db import run_with_engine
 from gateway.tables import audit_checkpoints, audit_records
-
-T = TypeVar("T")
 
 
 class Kind(StrEnum):
@@ -431,22 +429,9 @@ async def _check_records(
     return results, incomplete
 
 
-def _on_own_engine(url: str, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
-    """Run `work` on an event loop and engine of its own (a worker thread or process)."""
-
-    async def go() -> T:
-        engine = create_engine(url)
-        try:
-            return await work(engine)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
-
-
 def _check_in_process(url: str, signed: _TrailSigned, streams: list[str]) -> tuple[list[StreamResult], set[str]]:
     """A worker process's share: some streams."""
-    return _on_own_engine(url, lambda engine: _check_records(engine, signed, streams))
+    return run_with_engine(url, lambda engine: _check_records(engine, signed, streams))
 
 
 # Below this many records (estimated from the checkpoints) starting processes costs more than it saves.
@@ -537,4 +522,4 @@ async def verify_trail(engine: AsyncEngine, trusted: dict[str, Ed25519PublicKey]
 
 def verify_database(url: str, trusted: dict[str, Ed25519PublicKey], anchor: AnchorFile | None) -> Report:
     """Verify on a loop and engine of its own (the CLI, and the API from a worker thread)."""
-    return _on_own_engine(url, lambda engine: verify_trail(engine, trusted, anchor))
+    return run_with_engine(url, lambda engine: verify_trail(engine, trusted, anchor))
