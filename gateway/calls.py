@@ -22,7 +22,7 @@ import structlog
 from litestar import Request, Response
 from litestar.response import Stream
 
-from gateway.audit.record import AuditRecord
+from gateway.audit.record import AuditRecord, detail_text
 from gateway.audit.writer import write_quietly
 from gateway.errors import (
     AuditUnavailable,
@@ -346,7 +346,7 @@ async def answer(svc: Services, call: Call, body: bytes, detail: dict[str, Any] 
                 outcome="ok",
                 http_status=200,
                 response_sha256=call.digest(body),
-                detail=msgspec.json.encode(detail).decode() if detail is not None else None,
+                detail=detail_text(detail),
             )
         )
     except AuditUnavailable as err:

@@ -8,14 +8,11 @@ happened, says so and exits 1).
 from __future__ import annotations
 
 import getpass
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.audit.record import AuditRecord
+from gateway.audit.record import system_record
 from gateway.clikit import CheckFailed
 from gateway.db import run_with_engine
 from gateway.errors import AuditUnavailable
@@ -32,16 +29,13 @@ async def _record_action(settings: Settings, engine: AsyncEngine, action: str, d
     await writer.start()
     try:
         await writer.write(
-            AuditRecord(
-                request_id=uuid.uuid4().hex,
-                phase="system",
-                started_at=datetime.now(UTC),
+            system_record(
+                f"cli.{action}",
                 method="CLI",
-                route=f"cli.{action}",
+                detail=detail,
                 auth_method="os_user",
                 key_name=getpass.getuser(),
                 outcome="ok",
-                detail=msgspec.json.encode(detail).decode(),
             )
         )
     finally:

@@ -10,8 +10,6 @@ event (model, manifest digest, signer key id, bytes, duration, result).
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -20,7 +18,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from engine.manifest import FolderPolicy, Progress, Verification, verify
-from gateway.audit.record import AuditRecord
+from gateway.audit.record import system_record
 from gateway.audit.writer import AuditWriter, write_quietly
 from gateway.settings import Deployment, Settings
 from gateway.trust import load_trusted
@@ -118,20 +116,18 @@ class Integrity:
             "previous_status": previous,
             "problem_kinds": kinds,
         }
-        record = AuditRecord(
-            request_id=uuid.uuid4().hex,
-            phase="system",
-            started_at=now,
-            ended_at=now,
+        record = system_record(
+            "model.verify",
             method="SYSTEM",
-            route="model.verify",
+            at=now,
+            detail=detail,
+            ended_at=now,
             model=d.name,
             outcome="ok" if result.ok else "failed",
             error_type=None if result.ok else "integrity:" + ",".join(kinds),
             error_message="; ".join(problems)[:4000] or None,
             latency_ms=result.seconds * 1000,
             manifest_sha256=result.manifest_sha256 or None,
-            detail=json.dumps(detail, sort_keys=True),
         )
         await write_quietly(self._audit, record)
 

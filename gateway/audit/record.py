@@ -10,6 +10,7 @@ record read back from SQLite or PostgreSQL encodes to the same bytes.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -73,6 +74,26 @@ def iso(value: datetime) -> str:
     if value.utcoffset():
         value = value.astimezone(UTC)
     return value.isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def detail_text(detail: dict[str, Any] | None) -> str | None:
+    """A record's `detail` column: the one JSON form of an event's details (keys sorted)."""
+    return None if detail is None else msgspec.json.encode(detail, order="sorted").decode()
+
+
+def system_record(
+    route: str, *, method: str, at: datetime | None = None, detail: dict[str, Any] | None = None, **fields: Any
+) -> AuditRecord:
+    """An event the gateway or the CLI records of its own accord (phase `system`)."""
+    return AuditRecord(
+        request_id=uuid.uuid4().hex,
+        phase="system",
+        started_at=at or datetime.now(UTC),
+        method=method,
+        route=route,
+        detail=detail_text(detail),
+        **fields,
+    )
 
 
 def row_of(record: AuditRecord) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -27,7 +26,7 @@ import structlog
 
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.chain import Chain, Signer
-from gateway.audit.record import AuditRecord, row_of
+from gateway.audit.record import AuditRecord, row_of, system_record
 from gateway.errors import AuditUnavailable
 from gateway.hotpath import Batch, HotPath
 
@@ -168,14 +167,7 @@ class AuditWriter:
     async def _seal(self) -> None:
         if self.chain.seq == 0 and self.chain.checkpointed < 0:
             return  # this stream never wrote anything
-        closing = AuditRecord(
-            request_id=uuid.uuid4().hex,
-            phase="system",
-            started_at=datetime.now(UTC),
-            method="-",
-            route="audit.stream_closed",
-            outcome="ok",
-        )
+        closing = system_record("audit.stream_closed", method="-", outcome="ok")
         await self._quietly(
             self._commit([(row_of(closing), (), asyncio.get_running_loop().create_future())], closing=True)
         )
