@@ -124,12 +124,9 @@ def canonical(values: Sequence[Any]) -> bytes:
     return msgspec.json.encode(encoded)
 
 
-def record_hash(values: Sequence[Any]) -> str:
-    return hashlib.sha256(canonical(values)).hexdigest()
-
-
 _hashed_values = itemgetter(*HASHED_FIELDS)
 
 
 def hash_row(row: dict[str, Any]) -> str:
-    return record_hash(_hashed_values(row))
+    """A record's hash (the verifier computes the same inline, from SQL rows)."""
+    return hashlib.sha256(canonical(_hashed_values(row))).hexdigest()

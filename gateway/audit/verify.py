@@ -196,7 +196,7 @@ def _check_signed(
 
 
 class StreamVerifier:
-    """Check one stream, fed its records in seq order: `add(row)` each, then `finish()`.
+    """Check one stream, fed its records in seq order: `add(rows)` run by run, then `finish()`.
 
     A row is (*HASHED_FIELDS values, record_hash). Memory stays flat however
     long the stream: only the last two hashes and open findings are kept.

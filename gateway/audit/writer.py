@@ -82,10 +82,6 @@ class AuditWriter:
         if self._task is not None:
             await self._task
 
-    @property
-    def queued(self) -> int:
-        return len(self._pending)
-
     async def write(self, record: AuditRecord, payloads: Sequence[dict[str, Any]] = ()) -> None:
         """Return once the record (and its payload rows) is committed; raise AuditUnavailable otherwise."""
         if self._closing or self._task is None or self._task.done():
