@@ -141,7 +141,8 @@ def _internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes
 
 
 def _on_sighup(callback: Callable[[], None]) -> None:
-    """SIGHUP re-verifies every model (where signals can be handled: the main thread)."""
+    """SIGHUP reloads the keyring and the policy and re-verifies every model
+    (where signals can be handled: the main thread)."""
     try:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
     except (NotImplementedError, RuntimeError, ValueError):
@@ -154,7 +155,13 @@ def create_app(settings: Settings, preverified: dict[str, Verification] | None =
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         svc = app.state.services = await Services.start(settings, preverified)
-        _on_sighup(lambda: (svc.reload_keyring(), svc.spawn(svc.integrity.verify_all("sighup"))))
+        _on_sighup(
+            lambda: (
+                svc.reload_keyring(),
+                svc.spawn(svc.reload_policy("sighup")),
+                svc.spawn(svc.integrity.verify_all("sighup")),
+            )
+        )
         log.info("gateway.started", deployments=sorted(svc.upstreams))
         try:
             yield

@@ -1,7 +1,7 @@
 """The path of one call, from the caller's bytes to the audited answer.
 
-    authenticate → read body (size-limited) → summarise → route
-    → intent record durable → forward → relay → final record durable
+    authenticate → read body (size-limited) → summarise → policy → route
+    → rate limits → intent record durable → forward → relay → final record durable
 
 Every way out of this path, allowed or refused, writes a final audit record.
 When that record cannot be written, the caller gets 503 and nothing more.
@@ -27,18 +27,25 @@ from gateway.audit.writer import write_quietly
 from gateway.errors import (
     AuditUnavailable,
     BadRequest,
+    ContentDenied,
     Forbidden,
     GatewayError,
+    LimiterDown,
     ModelNotFound,
     ModelUnavailable,
     NotFound,
     PayloadTooLarge,
+    PolicyDenied,
+    PolicyLimitExceeded,
+    RateLimited,
     Unauthenticated,
 )
 from gateway.forward import EngineStream, Usage, error_of, usage_of
 from gateway.keys import Principal
+from gateway.policies import rate_headers
 from gateway.services import Services
-from gateway.summary import Kind, body_for_engine, summarize
+from gateway.summary import Kind, RequestSummary, body_for_engine, summarize
+from policy import Caller, Decision, Denial, Lease, LimiterUnavailable, Policy, decide
 
 log = structlog.get_logger("bastion.call")
 
@@ -63,8 +70,14 @@ class Call:
     manifest_sha256: str | None = None
     stream: bool = False
     request_sha256: str | None = None
-    # Payload capture mode (none | hash | encrypted), set from the caller's team.
+    # Payload capture mode (none | hash | encrypted), set from the caller's policy.
     capture: str | None = None
+    # What policy decided (audited as the record's `detail`).
+    policy: dict[str, Any] | None = None
+    # Sent with every answer to this call (x-ratelimit-*).
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    # Prompt plus completion tokens, once the engine has said (settles the rate limit).
+    tokens_used: int | None = None
 
     @classmethod
     def begin(cls, request: Request[Any, Any, Any]) -> Call:
@@ -79,6 +92,8 @@ class Call:
 
     def record(self, phase: str, **fields: Any) -> AuditRecord:
         p = self.principal
+        if self.policy is not None and "detail" not in fields:
+            fields["detail"] = detail_text({"policy": self.policy})
         return AuditRecord(
             request_id=self.request_id,
             phase=phase,
@@ -126,7 +141,7 @@ class Call:
 
 
 def headers_for(call: Call, extra: dict[str, str] | None = None) -> dict[str, str]:
-    headers = {"x-request-id": call.request_id}
+    headers = {"x-request-id": call.request_id, **call.extra_headers}
     if extra:
         headers.update(extra)
     return headers
@@ -155,7 +170,7 @@ async def refuse(svc: Services, call: Call, err: GatewayError) -> Response[bytes
 async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Call, roles: frozenset[str]) -> Principal:
     principal = await svc.keys.authenticate(request.headers.get("authorization"))
     call.principal = principal
-    call.capture = svc.settings.audit.capture_for(principal.team)
+    call.capture = svc.policy.capture_for(principal.team, principal.key_id) or svc.settings.audit.capture
     if principal.role not in roles:
         raise Forbidden(f"The role '{principal.role}' may not use {call.route}.", audit_reason="role_not_allowed")
     return principal
@@ -185,12 +200,14 @@ async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
 
 async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, path: str) -> Response[Any]:
     call = Call.begin(request)
+    lease: Lease | None = None
     try:
-        await authenticate(svc, request, call, INFERENCE_ROLES)
+        principal = await authenticate(svc, request, call, INFERENCE_ROLES)
         body = await read_body(request, svc.settings.gateway.max_body_bytes)
         call.request_sha256 = call.digest(body)
         summary = summarize(kind, body)
         call.model, call.stream = summary.model, summary.stream
+        decision = enforce(svc.policy, call, principal, summary)
         upstream = svc.upstreams.get(summary.model)
         if upstream is None:
             raise ModelNotFound(
@@ -203,17 +220,18 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
                 f"The model '{summary.model}' is not available: its integrity check is {state.status}.",
                 audit_reason=f"model_{state.status}",
             )
+        lease = await admit(svc, call, decision)
         if svc.settings.audit.mode == "strict":
             # Nothing reaches the engine before this record is durable.
             await svc.audit.write(call.record("intent"))
-        payload = body_for_engine(body, summary)
+        payload = body_for_engine(body, summary, max_tokens=decision.max_tokens, texts=decision.texts)
         if summary.stream:
             stream = await svc.forwarder.open_stream(upstream, path, payload)
             if stream.status == 200:
+                relay = _relay(svc, call, stream, body, lease, strip_usage=not summary.client_wants_usage)
+                lease = None  # the relay settles it when the stream ends
                 return Stream(
-                    _relay(svc, call, stream, body, strip_usage=not summary.client_wants_usage),
-                    media_type="text/event-stream",
-                    headers=headers_for(call, {"cache-control": "no-cache"}),
+                    relay, media_type="text/event-stream", headers=headers_for(call, {"cache-control": "no-cache"})
                 )
             try:
                 answer = await stream.read()
@@ -227,6 +245,77 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
     except Exception:
         log.exception("call.internal_error")
         return await refuse(svc, call, GatewayError("Internal gateway error.", audit_reason="internal_error"))
+    finally:
+        if lease is not None:
+            svc.spawn(settle(svc, lease, call.tokens_used))
+
+
+def enforce(policy: Policy, call: Call, principal: Principal, summary: RequestSummary) -> Decision:
+    """Ask policy; record its answer on the call; raise the refusal it implies."""
+    caller = Caller(key_id=principal.key_id, team=principal.team, client_addr=call.client_addr)
+    decision = decide(policy, caller, summary.prompt())
+    call.policy = {"sha256": policy.sha256, **decision.audit()}
+    if decision.allowed:
+        return decision
+    reason, param = decision.reason, decision.param
+    match decision.denial:
+        case Denial.MODEL:
+            raise ModelNotFound(reason, param="model", audit_reason="policy_denied")
+        case Denial.TOO_LARGE | Denial.INVALID:
+            raise PolicyLimitExceeded(reason, param=param, audit_reason="policy_limit")
+        case Denial.CONTENT:
+            raise ContentDenied(reason, param=param, audit_reason="content_denied")
+        case _:
+            raise PolicyDenied(reason, param=param, audit_reason="policy_denied")
+
+
+_LIMIT_NAMES = {"requests": "requests per minute", "tokens": "tokens per minute", "concurrent": "concurrent requests"}
+
+
+async def admit(svc: Services, call: Call, decision: Decision) -> Lease | None:
+    """Take the call's rate-limit buckets, or refuse it with 429 (503 when the store is down)."""
+    if not decision.buckets:
+        return None
+    try:
+        admission = await svc.limiter.acquire(decision.buckets, call.request_id)
+    except LimiterUnavailable as exc:
+        log.error("ratelimit.unavailable", error=str(exc))
+        raise LimiterDown(
+            "Rate limits cannot be checked right now; the call was not made. Try again shortly.",
+            audit_reason="rate_limiter_unavailable",
+        ) from None
+    headers = rate_headers(admission.levels)
+    if admission.allowed:
+        call.extra_headers.update(headers)
+        return admission.lease
+    b = admission.blocked
+    assert b is not None
+    assert call.policy is not None
+    call.policy.update(decision="deny", rule=b.rule.path, line=b.rule.line, bucket=b.name)
+    scope = "team" if ":team:" in b.name else "key"
+    if admission.never:
+        raise PolicyLimitExceeded(
+            f"This call would reserve {b.cost} tokens, more than this {scope}'s limit of {b.limit} tokens per minute.",
+            param="max_tokens",
+            audit_reason="rate_limited",
+        )
+    err = RateLimited(
+        f"Rate limit reached for this {scope}: {b.limit} {_LIMIT_NAMES[b.kind]}. "
+        f"Try again in {admission.retry_after:.1f} s.",
+        retry_after=admission.retry_after,
+        limit_headers=headers,
+        audit_reason="rate_limited",
+    )
+    err.type = "tokens" if b.kind == "tokens" else "requests"
+    raise err
+
+
+async def settle(svc: Services, lease: Lease, tokens_used: int | None) -> None:
+    try:
+        await svc.limiter.settle(lease, tokens_used)
+    except LimiterUnavailable as exc:
+        # Concurrency slots expire on their own; reserved tokens stay taken.
+        log.warning("ratelimit.settle_failed", error=str(exc))
 
 
 def _captured(svc: Services, call: Call, request: bytes, response: bytes) -> list[dict[str, Any]]:
@@ -246,8 +335,10 @@ async def _finish(svc: Services, call: Call, status: int, body: bytes, answer: b
         usage = usage_of(answer)
         if usage is not None:
             fields.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+            call.tokens_used = usage.prompt_tokens + usage.completion_tokens
         outcome = "ok"
     else:
+        call.tokens_used = 0
         error_type, message = error_of(answer)
         fields.update(error_type=f"engine:{error_type}", error_message=message)
         outcome = "refused" if status < 500 else "error"
@@ -270,7 +361,7 @@ _chunk_decoder = msgspec.json.Decoder(_StreamChunk)
 
 
 async def _relay(
-    svc: Services, call: Call, stream: EngineStream, body: bytes, *, strip_usage: bool
+    svc: Services, call: Call, stream: EngineStream, body: bytes, lease: Lease | None, *, strip_usage: bool
 ) -> AsyncIterator[bytes]:
     """Relay the engine's events one by one; audit the outcome when the stream ends."""
     digest = hashlib.sha256()
@@ -312,6 +403,8 @@ async def _relay(
         # await: this generator may be being cancelled, and the record must land.
         stream.close()
         svc.spawn(write_quietly(svc.audit, record, _captured(svc, call, body, b"".join(kept or []))))
+        if lease is not None:
+            svc.spawn(settle(svc, lease, usage.prompt_tokens + usage.completion_tokens if usage else None))
 
 
 async def list_models(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
@@ -321,7 +414,10 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
     except GatewayError as err:
         return await refuse(svc, call, err)
     created = int(svc.started_at.timestamp())
-    data = [{"id": name, "object": "model", "created": created, "owned_by": "bastion"} for name in svc.upstreams]
+    # Only the models this caller's policy allows (none without a policy).
+    rules = svc.policy.rules_for(call.principal.team, call.principal.key_id) if call.principal else None
+    allowed = [n for n in svc.upstreams if rules and all(m.allows(n) for m in rules.models)]
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "bastion"} for name in allowed]
     return await answer(svc, call, msgspec.json.encode({"object": "list", "data": data}))
 
 

@@ -28,6 +28,7 @@ from engine import manifest
 from gateway import migrate
 from gateway.audit.capture import rotate_keyring
 from gateway.cli_audit import audit
+from gateway.cli_policy import STARTER_POLICY, policy_group
 from gateway.cli_record import record_action
 from gateway.clikit import CheckFailed, UsageProblem, config_option, echo_json, err_console, settings_from
 from gateway.keys import ROLES, KeyStore, load_or_create_pepper, write_secret_file
@@ -74,9 +75,17 @@ checkpoint_every = 1000
 checkpoint_seconds = 10.0
 # anchor_file = "/mnt/worm/bastion-anchor.jsonl"   # default: state/audit-anchor.jsonl
 # Payload capture: none | hash | encrypted (AES-256-GCM, keyring in state/secrets).
+# A team's or key's own mode is set in the policy file (`capture:`).
 capture = "hash"
-# [audit.capture_teams]
-# claims = "encrypted"
+
+[policy]
+# Who may call which model with what (YAML; docs/policy.md). Deny by default.
+file = "policy.yaml"
+reload_seconds = 2.0
+[policy.rate_limits]
+# memory: this gateway alone; redis: shared by every replica.
+backend = "memory"
+# redis_url = "redis://127.0.0.1:6379/0"
 
 [logging]
 level = "info"
@@ -114,6 +123,9 @@ def init(config_path: Path, directory: str | None, engine_python: str, database_
         )
         click.echo(f"wrote {config_path}")
     settings = settings_from(config_path)
+    if not settings.policy_file.exists():
+        settings.policy_file.write_text(STARTER_POLICY)
+        click.echo(f"wrote {settings.policy_file} (team 'default' only; edit it, see docs/policy.md)")
     (settings.state_path / "secrets").mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.state_path.chmod(0o700)
     load_or_create_pepper(settings.key_pepper_file)
@@ -200,7 +212,7 @@ def _parse_expiry(expires_in: str | None, expires_at: str | None) -> datetime | 
 @config_option
 @click.option("--name", required=True, help="Who or what the key is for.")
 @click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
-@click.option("--team", default="", help="Team the key belongs to (policy and audit use it).")
+@click.option("--team", default="default", show_default=True, help="Team the key belongs to (its policy).")
 @click.option("--expires-in", default=None, help="Lifetime, e.g. 90d, 12h, 30m.")
 @click.option("--expires-at", default=None, help="Expiry as an ISO 8601 time.")
 @click.option("--can-decrypt", is_flag=True, help="Auditor keys only: may read captured payloads (audited).")
@@ -596,6 +608,7 @@ def up(config_path: Path, engine_timeout: int) -> None:
 
 
 main.add_command(audit)
+main.add_command(policy_group)
 
 if __name__ == "__main__":
     sys.exit(main())

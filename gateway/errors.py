@@ -7,6 +7,8 @@ caller, but not to the auditor).
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 
@@ -127,3 +129,50 @@ class EngineTimeout(GatewayError):
     status = 504
     type = "api_error"
     code = "engine_timeout"
+
+
+class PolicyDenied(GatewayError):
+    """Policy does not allow this call (the rule that decided is in the audit record)."""
+
+    status = 403
+    type = "permission_error"
+    code = "policy_denied"
+
+
+class PolicyLimitExceeded(BadRequest):
+    """An input or parameter over a limit the policy refuses rather than adjusts."""
+
+    code = "policy_limit_exceeded"
+
+
+class ContentDenied(BadRequest):
+    """A content rule with action `deny` matched (which one is audited, never the text)."""
+
+    code = "content_policy_violation"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, limit_headers: dict[str, str], **kwargs: str | None):
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+        self.limit_headers = limit_headers
+
+    def headers(self) -> dict[str, str]:
+        seconds = max(1, math.ceil(self.retry_after))
+        return {
+            **self.limit_headers,
+            "retry-after": str(seconds),
+            "retry-after-ms": str(max(1, math.ceil(self.retry_after * 1000))),
+        }
+
+
+class LimiterDown(GatewayError):
+    """The shared rate-limit store is unreachable: calls are refused, not let through unlimited."""
+
+    status = 503
+    type = "api_error"
+    code = "rate_limiter_unavailable"

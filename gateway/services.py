@@ -16,13 +16,16 @@ from engine.manifest import Verification
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.capture import KeyringError, Sealer, load_keyring
 from gateway.audit.chain import Signer
-from gateway.audit.writer import AuditWriter
+from gateway.audit.record import system_record
+from gateway.audit.writer import AuditWriter, write_quietly
 from gateway.db import create_engine
 from gateway.forward import Forwarder, Upstream
 from gateway.hotpath import HotPath, hot_path_for
 from gateway.integrity import Integrity
 from gateway.keys import KeyStore, load_or_create_pepper
+from gateway.policies import PolicyWatch, limiter_for, load_or_refuse
 from gateway.settings import ConfigError, Settings
+from policy import Policy, PolicyError, RateLimiter, load_policy
 
 log = structlog.get_logger("bastion.services")
 
@@ -38,12 +41,16 @@ class Services:
     # Routable models by the name clients use.
     upstreams: dict[str, Upstream]
     integrity: Integrity
+    # The policy in force. A call reads it once, so a reload never splits a call.
+    policy: Policy
+    limiter: RateLimiter
     # Encrypts captured payloads; None when no team's capture mode is "encrypted".
     sealer: Sealer | None = None
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _periodic: asyncio.Task[None] | None = None
+    _watch: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings, preverified: dict[str, Verification] | None = None) -> Services:
@@ -52,7 +59,8 @@ class Services:
         db = create_engine(url, sqlite_busy_timeout_ms=busy_ms)
         hot = hot_path_for(url, db, busy_timeout_ms=busy_ms)
         audit = open_writer(settings, hot)
-        sealer = payload_sealer(settings)
+        policy = load_or_refuse(settings.policy_file)
+        sealer = payload_sealer(settings, policy)
         await audit.start()
         integrity = Integrity(settings, audit)
         g = settings.gateway
@@ -69,36 +77,94 @@ class Services:
             ),
             upstreams=upstreams,
             integrity=integrity,
+            policy=policy,
+            limiter=limiter_for(settings),
             sealer=sealer,
         )
+        await svc._record_policy("policy.loaded", "boot", None)
         # Models stay unroutable (pending) until this finishes; the gateway answers meanwhile.
         svc.spawn(integrity.verify_all("boot", preverified))
         svc._periodic = asyncio.create_task(integrity.run_periodic(), name="reverify")
+        svc._watch = asyncio.create_task(svc._watch_policy(), name="policy-watch")
         return svc
+
+    async def reload_policy(self, trigger: str) -> bool:
+        """Replace the policy with the file's, if it is valid; else keep the old one.
+
+        Either way the outcome is logged and audited. Returns whether it changed.
+        """
+        old = self.policy
+        try:
+            new = load_policy(self.settings.policy_file)
+            sealer = self.sealer
+            if new.uses_encrypted_capture and sealer is None:
+                sealer = payload_sealer(self.settings, new)
+        except (PolicyError, ConfigError) as exc:
+            log.error("policy.reload_refused", trigger=trigger, error=str(exc))
+            await self._record_policy("policy.reload_refused", trigger, old, error=str(exc))
+            return False
+        if new.sha256 == old.sha256:
+            return False
+        self.policy, self.sealer = new, sealer
+        log.info("policy.reloaded", trigger=trigger, sha256=new.sha256, previous=old.sha256)
+        await self._record_policy("policy.reloaded", trigger, old)
+        return True
+
+    async def _record_policy(self, event: str, trigger: str, previous: Policy | None, error: str | None = None) -> None:
+        detail = {
+            "trigger": trigger,
+            "file": str(self.settings.policy_file),
+            "sha256": self.policy.sha256 if error is None else None,
+            "previous_sha256": previous.sha256 if previous else None,
+            "teams": sorted(self.policy.teams) if error is None else None,
+        }
+        record = system_record(
+            event,
+            method="SYSTEM",
+            detail={k: v for k, v in detail.items() if v is not None},
+            outcome="refused" if error else "ok",
+            error_type="policy_invalid" if error else None,
+            error_message=error,
+        )
+        await write_quietly(self.audit, record)
+
+    async def _watch_policy(self) -> None:
+        interval = self.settings.policy.reload_seconds
+        if interval <= 0:
+            return
+        watch = PolicyWatch(self.settings.policy_file)
+        watch.mark_loaded()
+        while True:
+            await asyncio.sleep(interval)
+            if watch.settled_change():
+                watch.mark_loaded()
+                await self.reload_policy("file")
 
     def reload_keyring(self) -> None:
         """Pick up a rotated payload keyring (SIGHUP); a broken one keeps the old in use."""
         try:
-            self.sealer = payload_sealer(self.settings)
+            self.sealer = payload_sealer(self.settings, self.policy)
         except ConfigError as exc:
             log.error("keyring.reload_failed", error=str(exc))
             return
         log.info("keyring.reloaded", active=self.sealer.ring.active if self.sealer else None)
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run work that must finish even if the request that started it is cancelled."""
-        task = asyncio.create_task(coro)
+        task: asyncio.Task[Any] = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        if self._periodic is not None:
-            self._periodic.cancel()
+        for task in (self._periodic, self._watch):
+            if task is not None:
+                task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.audit.close()
         await self.hot.close()
         await self.forwarder.close()
+        await self.limiter.close()
         await self.db.dispose()
 
 
@@ -126,9 +192,10 @@ def open_writer(settings: Settings, hot: HotPath) -> AuditWriter:
     )
 
 
-def payload_sealer(settings: Settings) -> Sealer | None:
+def payload_sealer(settings: Settings, policy: Policy) -> Sealer | None:
+    """The sealer for encrypted capture, when the config or the policy asks for it."""
     a = settings.audit
-    if "encrypted" not in (a.capture, *a.capture_teams.values()):
+    if a.capture != "encrypted" and not policy.uses_encrypted_capture:
         return None
     try:
         return Sealer(load_keyring(settings.audit_keyring_file), a.capture_max_bytes)
@@ -142,7 +209,7 @@ def preflight(settings: Settings, *, engine_keys: bool = True) -> None:
         for d in settings.deployments:
             read_engine_key(settings, d.name)
     load_signer(settings)
-    payload_sealer(settings)
+    payload_sealer(settings, load_or_refuse(settings.policy_file))
 
 
 def read_engine_key(settings: Settings, name: str) -> str:

@@ -76,15 +76,29 @@ class AuditSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     anchor_file: str = ""
     # Payload capture: none | hash (SHA-256 of request and response) | encrypted.
     capture: CaptureMode = "hash"
-    # Per-team capture mode, overriding `capture`: { "team-name" = "encrypted" }.
-    capture_teams: dict[str, CaptureMode] = msgspec.field(default_factory=dict)
+    # (A team's or key's own capture mode is set in the policy file: `capture`.)
     # AES-256-GCM keyring for encrypted capture (default: state/secrets/audit-keyring.json).
     keyring_file: str = ""
     # Encrypted capture keeps at most this many bytes of each request and response.
     capture_max_bytes: int = 16 * 1024 * 1024
 
-    def capture_for(self, team: str | None) -> CaptureMode:
-        return self.capture_teams.get(team, self.capture) if team else self.capture
+
+class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # memory: limits held by this gateway alone; redis: shared by every replica.
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every Redis key (hash-tag it, e.g. "{bastion}", on Redis Cluster).
+    key_prefix: str = "bastion"
+    # Seconds to wait for Redis before the call is refused (503), never let through.
+    timeout_seconds: float = 0.5
+
+
+class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # The policy file (YAML, see docs/policy.md). Without it the gateway does not start.
+    file: str = "policy.yaml"
+    # How often to look for a changed file (seconds); 0 = only on SIGHUP.
+    reload_seconds: float = 2.0
+    rate_limits: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
 
 
 class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -132,6 +146,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
+    policy: PolicySettings = msgspec.field(default_factory=PolicySettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     integrity: IntegritySettings = msgspec.field(default_factory=IntegritySettings)
     # Model publishers whose manifest signatures the gateway trusts.
@@ -166,6 +181,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def audit_anchor_file(self) -> Path:
         return self.path(self.audit.anchor_file) if self.audit.anchor_file else self.state_path / "audit-anchor.jsonl"
+
+    @property
+    def policy_file(self) -> Path:
+        return self.path(self.policy.file)
 
     @property
     def audit_keyring_file(self) -> Path:

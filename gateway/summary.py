@@ -9,11 +9,14 @@ OpenAI error's `param`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import msgspec
 
 from gateway.errors import BadRequest
+from gateway.media import media_part
+from policy import MediaPart, Prompt
 
 Kind = Literal["chat", "completions"]
 
@@ -22,9 +25,39 @@ class StreamOptions(msgspec.Struct, frozen=True):
     include_usage: bool = False
 
 
+# Content parts, told apart by their `type`. A part of any other type is
+# refused (400): what the gateway cannot read, policy cannot check.
+class TextPart(msgspec.Struct, frozen=True, tag="text", tag_field="type"):
+    text: str
+
+
+class URL(msgspec.Struct, frozen=True):
+    url: str
+
+
+class ImagePart(msgspec.Struct, frozen=True, tag="image_url", tag_field="type"):
+    image_url: URL
+
+
+class InputAudio(msgspec.Struct, frozen=True):
+    data: str
+    format: str = "wav"
+
+
+class AudioPart(msgspec.Struct, frozen=True, tag="input_audio", tag_field="type"):
+    input_audio: InputAudio
+
+
+class AudioURLPart(msgspec.Struct, frozen=True, tag="audio_url", tag_field="type"):
+    audio_url: URL
+
+
+Part = TextPart | ImagePart | AudioPart | AudioURLPart
+
+
 class Message(msgspec.Struct, frozen=True):
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[Part] | None = None
 
 
 class ChatBody(msgspec.Struct, frozen=True):
@@ -34,6 +67,9 @@ class ChatBody(msgspec.Struct, frozen=True):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    # Reasoning: top-level (LangChain's extra_body) or vLLM's chat template argument.
+    enable_thinking: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionBody(msgspec.Struct, frozen=True):
@@ -54,6 +90,23 @@ class RequestSummary(msgspec.Struct, frozen=True):
     # Whether the body already carries a `stream_options` key.
     has_stream_options: bool
     max_tokens: int | None
+    # Every text of the request in walk order (see `_texts_of`), for policy.
+    texts: tuple[str, ...] = ()
+    token_ids: bool = False
+    media: tuple[MediaPart, ...] = ()
+    reasoning: bool = False
+
+    def prompt(self) -> Prompt:
+        """What policy reads of this request."""
+        return Prompt(
+            model=self.model,
+            stream=self.stream,
+            max_tokens=self.max_tokens,
+            reasoning=self.reasoning,
+            texts=self.texts,
+            token_ids=self.token_ids,
+            media=self.media,
+        )
 
 
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
@@ -84,6 +137,15 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
     if max_tokens is not None and max_tokens < 1:
         raise BadRequest("'max_tokens' must be at least 1.", param="max_tokens", audit_reason="invalid_body")
     options = parsed.stream_options
+    if isinstance(parsed, ChatBody):
+        texts, media = _chat_inputs(parsed.messages)
+        token_ids = False
+        kwargs = parsed.chat_template_kwargs or {}
+        reasoning = parsed.enable_thinking is True or kwargs.get("enable_thinking") is True
+    else:
+        prompts = [parsed.prompt] if isinstance(parsed.prompt, str) else parsed.prompt
+        texts = tuple(p for p in prompts if isinstance(p, str))
+        token_ids, media, reasoning = len(texts) != len(prompts), (), False
     return RequestSummary(
         kind=kind,
         model=parsed.model,
@@ -91,23 +153,73 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         client_wants_usage=bool(options and options.include_usage),
         has_stream_options=options is not None or b'"stream_options"' in body,
         max_tokens=max_tokens,
+        texts=texts,
+        token_ids=token_ids,
+        media=media,
+        reasoning=reasoning,
     )
 
 
-def body_for_engine(body: bytes, summary: RequestSummary) -> bytes:
-    """The bytes sent to the engine: the client's own, except that every stream
-    asks for usage, so its tokens always reach the audit trail.
+def _chat_inputs(messages: list[Message]) -> tuple[tuple[str, ...], tuple[MediaPart, ...]]:
+    """The texts (in walk order: message by message, part by part) and media parts."""
+    texts: list[str] = []
+    media: list[MediaPart] = []
+    for m in messages:
+        if isinstance(m.content, str):
+            texts.append(m.content)
+        elif m.content:
+            for part in m.content:
+                if isinstance(part, TextPart):
+                    texts.append(part.text)
+                else:
+                    media.append(media_part(part))
+    return tuple(texts), tuple(media)
 
-    With no `stream_options` in the body the field is spliced in after the
-    opening brace and nothing else is touched; only a body that already has
-    `stream_options` (asking for no usage) is re-encoded.
+
+def body_for_engine(
+    body: bytes, summary: RequestSummary, *, max_tokens: int | None = None, texts: tuple[str, ...] | None = None
+) -> bytes:
+    """The bytes sent to the engine: the client's own, except where policy or
+    the audit trail needs a change.
+
+    - Every stream asks for usage, so its tokens always reach the audit trail.
+      With no `stream_options` in the body the field is spliced in after the
+      opening brace and nothing else is touched.
+    - `max_tokens` (policy's cap) and `texts` (policy's redactions, in the
+      order of `summary.texts`) re-encode the body.
     """
-    if not summary.stream or summary.client_wants_usage:
-        return body
-    if not summary.has_stream_options:
-        start = body.index(b"{") + 1
-        return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
+    wants_usage = summary.stream and not summary.client_wants_usage
+    if max_tokens is None and texts is None:
+        if not wants_usage:
+            return body
+        if not summary.has_stream_options:
+            start = body.index(b"{") + 1
+            return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
     data = msgspec.json.decode(body)
-    options = data.get("stream_options") or {}
-    data["stream_options"] = {**options, "include_usage": True}
+    if wants_usage:
+        data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+    if max_tokens is not None:
+        data["max_tokens"] = max_tokens
+        if "max_completion_tokens" in data:
+            data["max_completion_tokens"] = max_tokens
+    if texts is not None:
+        _put_texts(data, summary.kind, iter(texts))
     return msgspec.json.encode(data)
+
+
+def _put_texts(data: dict[str, Any], kind: Kind, texts: Iterator[str]) -> None:
+    """Write `texts` back in the walk order `summarize` read them in."""
+    if kind == "completions":
+        if isinstance(data["prompt"], str):
+            data["prompt"] = next(texts)
+        else:
+            data["prompt"] = [next(texts) if isinstance(p, str) else p for p in data["prompt"]]
+        return
+    for message in data["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            message["content"] = next(texts)
+        elif content:
+            for part in content:
+                if part.get("type") == "text":
+                    part["text"] = next(texts)

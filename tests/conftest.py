@@ -130,6 +130,8 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         gateway: dict[str, object] | None = None,
         database: dict[str, object] | None = None,
         audit: dict[str, object] | None = None,
+        policy: str | None = None,
+        policy_settings: dict[str, object] | None = None,
         start: bool = True,
     ) -> Gateway:
         nonlocal count
@@ -138,7 +140,15 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         db_url = database_url or f"sqlite+aiosqlite:///{directory / 'state' / 'bastion.db'}"
         port = free_port()
         config = write_config(
-            directory, port=port, database_url=db_url, engines=engines, gateway=gateway, database=database, audit=audit
+            directory,
+            port=port,
+            database_url=db_url,
+            engines=engines,
+            gateway=gateway,
+            database=database,
+            audit=audit,
+            policy_settings=policy_settings,
+            **({"policy": policy} if policy is not None else {}),
         )
         migrate.upgrade(db_url)
         tls_cert = (gateway or {}).get("tls_cert")

@@ -61,6 +61,31 @@ def toml_value(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, bool) else ("true" if value else "false")
 
 
+# The policy of tests that are not about policy: every team a test uses may
+# call every model with everything; `claims` captures payloads encrypted and
+# `hr` captures nothing (the capture tests rely on both).
+OPEN_POLICY = """\
+version: 1
+teams:
+""" + "".join(
+    f"""\
+  {team}:
+    models: ["*"]
+    inputs: [text, image, audio]
+    reasoning: true
+{extra}"""
+    for team, extra in (
+        ("default", ""),
+        ("team-a", ""),
+        ("risk", ""),
+        ("ops", ""),
+        ("audit", ""),
+        ("claims", "    capture: encrypted\n"),
+        ("hr", "    capture: none\n"),
+    )
+)
+
+
 def write_config(
     directory: Path,
     *,
@@ -70,9 +95,12 @@ def write_config(
     gateway: dict[str, Any] | None = None,
     database: dict[str, Any] | None = None,
     audit: dict[str, Any] | None = None,
+    policy: str = OPEN_POLICY,
+    policy_settings: dict[str, Any] | None = None,
     engine_python: str = "",
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "policy.yaml").write_text(policy)
     secrets_dir = directory / "state" / "secrets"
     secrets_dir.mkdir(parents=True, exist_ok=True)
     if not (secrets_dir / "audit-signing.key").exists():
@@ -91,6 +119,10 @@ def write_config(
     for k, v in (audit or {}).items():
         if isinstance(v, dict):
             lines += ["", f"[audit.{k}]"] + [f"{toml_value(kk)} = {toml_value(vv)}" for kk, vv in v.items()]
+    settings = dict(policy_settings or {})
+    rate_limits = settings.pop("rate_limits", {})
+    lines += ["", "[policy]"] + [f"{k} = {toml_value(v)}" for k, v in settings.items()]
+    lines += ["", "[policy.rate_limits]"] + [f"{k} = {toml_value(v)}" for k, v in rate_limits.items()]
     for e in engines:
         key_file = secrets_dir / f"engine-{e.name}.key"
         key_file.write_text(e.key)

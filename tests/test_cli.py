@@ -25,6 +25,13 @@ def test_init_writes_config_state_and_secrets(tmp_path: Path) -> None:
     assert pepper.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "site" / "state").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "site" / "state" / "bastion.db").exists()
+    # A starter policy that passes its own check and allows only team `default`.
+    policy_file = tmp_path / "site" / "policy.yaml"
+    checked = json.loads(bastion("policy", "check", str(policy_file), "--json").stdout)
+    assert checked["valid"] and checked["teams"] == ["default"]
+    policy_file.write_text(policy_file.read_text().replace("max_tokens: 1024", "max_tokens: lots"))
+    bad = bastion("policy", "check", str(policy_file), check=False)
+    assert bad.returncode == 1 and "policy.yaml:13: teams.default.max_tokens: Expected int, got str" in bad.stderr
     # Running it again keeps what is there.
     before = pepper.read_bytes()
     bastion("init", "--dir", str(tmp_path / "site"))
@@ -90,6 +97,10 @@ def test_serve_refuses_a_database_behind_the_code(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "audit signing key" in result.stderr and "bastion init" in result.stderr
     manifest.create_signing_key(tmp_path / "state" / "secrets" / "audit-signing.key")
+    result = subprocess.run(serve, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "policy.yaml: the policy file does not exist" in result.stderr
+    (tmp_path / "policy.yaml").write_text("version: 1\nteams: {}\n")
     result = subprocess.run(serve, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "revision 0001" in result.stderr and "bastion db upgrade" in result.stderr
