@@ -46,7 +46,8 @@ def policy_text() -> tuple[str, int]:
             rules += 1
         if i == 19:
             team["content"] = [
-                {"detector": d, "action": a} for d, a in zip(DETECTORS, ["redact", "flag", "deny", "deny", "flag"])
+                {"detector": d, "action": a}
+                for d, a in zip(DETECTORS, ["redact", "flag", "deny", "deny", "flag"], strict=True)
             ]
             rules += len(DETECTORS)
         teams[f"team-{i:02d}"] = team
