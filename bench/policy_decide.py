@@ -1,6 +1,6 @@
 """How long `policy.decide()` takes for a realistic policy.
 
-The policy has 20 teams with 50 rules between them (model lists, caps, size
+The policy has 20 teams with 75 rules between them (model lists, caps, size
 limits, client networks, rate limits, key overrides) and five content
 detectors. The prompt is 4 KB of chat text. Two cases, the same caller and
 prompt: a team without content rules, and a team whose five detectors scan
