@@ -10,6 +10,7 @@ noise hits both alike. Prints p50/p99 latency, added latency, and the
 throughput ratio at each concurrency.
 
     .venv/bin/python bench/gateway_overhead.py [--upstream vllm|fast] [--requests 400] [--concurrency 1 32]
+        [--policy bench/policy-realistic.yaml] [--rate-limits memory|redis]
 """
 
 from __future__ import annotations
@@ -130,7 +131,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per side")
     parser.add_argument("--engine-python", default=str(ROOT / ".venv-engine" / "bin" / "python"))
+    parser.add_argument("--policy", help="policy file for the gateway (default: every team may call everything)")
+    parser.add_argument("--rate-limits", choices=["memory", "redis"], default="memory")
     args = parser.parse_args()
+    extra = {"policy": Path(args.policy).read_text()} if args.policy else {}
 
     work = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
     ref = EngineRef("tiny", f"http://127.0.0.1:{free_port()}", secrets.token_urlsafe(24))
@@ -140,7 +144,15 @@ def main() -> None:
             port = free_port()
             db_url = f"sqlite+aiosqlite:///{work / 'gw' / 'state' / 'bastion.db'}"
             config = write_config(  # also creates gw/state
-                work / "gw", port=port, database_url=db_url, engines=[ref], gateway={"engine_pool_size": 512}
+                work / "gw",
+                port=port,
+                database_url=db_url,
+                engines=[ref],
+                gateway={"engine_pool_size": 512},
+                policy_settings={
+                    "rate_limits": {"backend": args.rate_limits, "key_prefix": f"bench-{secrets.token_hex(4)}"}
+                },
+                **extra,
             )
             migrate.upgrade(db_url)
             gw = Gateway(config=config, port=port, database_url=db_url).start()
