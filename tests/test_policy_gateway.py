@@ -51,8 +51,9 @@ teams:
   media:
     models: [tiny]
     inputs: [text, image, audio]
+    max_input_bytes: 60
     images: {max_count: 1, max_bytes: 2000}
-    audio: {max_seconds: 1.0}
+    audio: {max_seconds: 1.0, max_bytes: 30000}
   faraway:
     models: [tiny]
     clients: [10.0.0.0/8]
@@ -178,11 +179,16 @@ def test_every_rule_allows_and_denies_through_the_gateway(rules_gw: tuple[Gatewa
     denied("media", chat_body([remote]), 400, "policy_limit_exceeded", "teams.media.images.max_bytes")
 
     # Audio length, read from the WAV header's byte rate.
-    def audio(seconds: float) -> dict[str, Any]:
-        return {"type": "input_audio", "input_audio": {"data": wav_b64(seconds), "format": "wav"}}
+    def audio(seconds: float, rate: int = 8000) -> dict[str, Any]:
+        return {"type": "input_audio", "input_audio": {"data": wav_b64(seconds, rate), "format": "wav"}}
 
     denied("media", chat_body([audio(1.5)]), 400, "policy_limit_exceeded", "teams.media.audio.max_seconds")
+    # 0.9 s at 24 kHz is 43 kB: short enough, too many bytes.
+    denied("media", chat_body([audio(0.9, 24000)]), 400, "policy_limit_exceeded", "teams.media.audio.max_bytes")
     allowed("media", chat_body([audio(0.5)]))
+
+    # Input bytes: 31 characters, 62 bytes of UTF-8.
+    denied("media", chat_body("é" * 31), 400, "policy_limit_exceeded", "teams.media.max_input_bytes")
 
     # Client addresses: the tests call from 127.0.0.1.
     denied("faraway", chat_body(), 403, "policy_denied", "teams.faraway.clients")
