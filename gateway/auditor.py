@@ -24,7 +24,6 @@ from litestar.response import Stream
 from gateway.audit import query
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.capture import KeyringError, load_keyring, open_payload
-from gateway.audit.record import detail_text
 from gateway.audit.verify import verify_database
 from gateway.calls import Call, answer, authenticate, headers_for, refuse
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
@@ -61,7 +60,8 @@ async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any
             raise query.QueryError("format must be json, jsonl or csv.")
         # The export is on record before its first byte leaves.
         detail = {"action": "export", "format": fmt, "filter": f.public()}
-        await svc.audit.write(call.final(outcome="ok", http_status=200, detail=detail_text(detail)))
+        call.detail.update(detail)
+        await svc.audit.write(call.final(outcome="ok", http_status=200))
     except GatewayError as err:
         return await refuse(svc, call, err)
     media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"

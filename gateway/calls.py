@@ -72,8 +72,9 @@ class Call:
     request_sha256: str | None = None
     # Payload capture mode (none | hash | encrypted), set from the caller's policy.
     capture: str | None = None
-    # What policy decided (audited as the record's `detail`).
-    policy: dict[str, Any] | None = None
+    # The record's `detail`: what policy decided ("policy"), a token or
+    # certificate caller's identity ("auth"), what a handler did.
+    detail: dict[str, Any] = field(default_factory=dict)
     # Sent with every answer to this call (x-ratelimit-*).
     extra_headers: dict[str, str] = field(default_factory=dict)
     # Prompt plus completion tokens, once the engine has said (settles the rate limit).
@@ -92,8 +93,8 @@ class Call:
 
     def record(self, phase: str, **fields: Any) -> AuditRecord:
         p = self.principal
-        if self.policy is not None and "detail" not in fields:
-            fields["detail"] = detail_text({"policy": self.policy})
+        if self.detail and "detail" not in fields:
+            fields["detail"] = detail_text(self.detail)
         return AuditRecord(
             request_id=self.request_id,
             phase=phase,
@@ -168,8 +169,11 @@ async def refuse(svc: Services, call: Call, err: GatewayError) -> Response[bytes
 
 
 async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Call, roles: frozenset[str]) -> Principal:
-    principal = await svc.keys.authenticate(request.headers.get("authorization"))
+    principal = await svc.auth.authenticate(request.scope, request.headers, call.client_addr)  # type: ignore[arg-type]
     call.principal = principal
+    identity = principal.audit()
+    if identity:
+        call.detail["auth"] = identity
     call.capture = svc.policy.capture_for(principal.team, principal.key_id) or svc.settings.audit.capture
     if principal.role not in roles:
         raise Forbidden(f"The role '{principal.role}' may not use {call.route}.", audit_reason="role_not_allowed")
@@ -254,7 +258,7 @@ def enforce(policy: Policy, call: Call, principal: Principal, summary: RequestSu
     """Ask policy; record its answer on the call; raise the refusal it implies."""
     caller = Caller(key_id=principal.key_id, team=principal.team, client_addr=call.client_addr)
     decision = decide(policy, caller, summary.prompt())
-    call.policy = {"sha256": policy.sha256, **decision.audit()}
+    call.detail["policy"] = {"sha256": policy.sha256, **decision.audit()}
     if decision.allowed:
         return decision
     reason, param = decision.reason, decision.param
@@ -290,8 +294,7 @@ async def admit(svc: Services, call: Call, decision: Decision) -> Lease | None:
         return admission.lease
     b = admission.blocked
     assert b is not None
-    assert call.policy is not None
-    call.policy.update(decision="deny", rule=b.rule.path, line=b.rule.line, bucket=b.name)
+    call.detail["policy"].update(decision="deny", rule=b.rule.path, line=b.rule.line, bucket=b.name)
     scope = "team" if ":team:" in b.name else "key"
     if admission.never:
         raise PolicyLimitExceeded(
@@ -436,15 +439,9 @@ async def verify_models(request: Request[Any, Any, Any], svc: Services) -> Respo
 
 async def answer(svc: Services, call: Call, body: bytes, detail: dict[str, Any] | None = None) -> Response[bytes]:
     """Audit a successful call the gateway answers itself (with what it did, in `detail`), then answer."""
+    call.detail.update(detail or {})
     try:
-        await svc.audit.write(
-            call.final(
-                outcome="ok",
-                http_status=200,
-                response_sha256=call.digest(body),
-                detail=detail_text(detail),
-            )
-        )
+        await svc.audit.write(call.final(outcome="ok", http_status=200, response_sha256=call.digest(body)))
     except AuditUnavailable as err:
         return error_response(call, err)
     return Response(body, media_type=JSON, headers=headers_for(call))

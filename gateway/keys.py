@@ -15,7 +15,7 @@ import hmac
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -39,13 +39,29 @@ _KEY_RE = re.compile(r"^bst_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
 class Principal:
     """Who is calling, as every later stage (policy, audit) sees it."""
 
-    auth_method: str
+    auth_method: str  # api_key | oidc | mtls
+    # The API key's id; for token and certificate callers a stable id derived
+    # from issuer and subject (`oidc-...`, `mtls-...`): per-caller rate limits
+    # and policy key overrides use it.
     key_id: str
     name: str
     role: Role
     team: str
     # Auditor keys may be allowed to read captured payloads in plaintext.
     can_decrypt: bool = False
+    issuer: str | None = None
+    subject: str | None = None
+    # SHA-256 of the client certificate the connection presented, if any.
+    fingerprint: str | None = None
+
+    def with_certificate(self, fingerprint: str) -> Principal:
+        return replace(self, fingerprint=fingerprint)
+
+    def audit(self) -> dict[str, str] | None:
+        """What the audit record keeps of a non-key identity (never a token or key)."""
+        fields = {"issuer": self.issuer, "subject": self.subject, "cert_sha256": self.fingerprint}
+        kept = {k: v for k, v in fields.items() if v is not None}
+        return kept or None
 
 
 class KeyInfo(msgspec.Struct, frozen=True):

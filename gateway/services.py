@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -21,6 +22,7 @@ from gateway.audit.writer import AuditWriter, write_quietly
 from gateway.db import create_engine
 from gateway.forward import Forwarder, Upstream
 from gateway.hotpath import HotPath, hot_path_for
+from gateway.identity import Authenticator
 from gateway.integrity import Integrity
 from gateway.keys import KeyStore, load_or_create_pepper
 from gateway.policies import PolicyWatch, limiter_for, load_or_refuse
@@ -36,6 +38,8 @@ class Services:
     db: AsyncEngine
     hot: HotPath
     keys: KeyStore
+    # API keys, OIDC tokens and client certificates → Principal.
+    auth: Authenticator
     audit: AuditWriter
     forwarder: Forwarder
     # Routable models by the name clients use.
@@ -64,11 +68,13 @@ class Services:
         await audit.start()
         integrity = Integrity(settings, audit)
         g = settings.gateway
+        keys = KeyStore(db, load_or_create_pepper(settings.key_pepper_file), hot)
         svc = cls(
             settings=settings,
             db=db,
             hot=hot,
-            keys=KeyStore(db, load_or_create_pepper(settings.key_pepper_file), hot),
+            keys=keys,
+            auth=Authenticator(settings.auth, keys, Path(settings.base_dir)),
             audit=audit,
             forwarder=Forwarder(
                 connect_timeout=g.engine_connect_timeout,
@@ -165,6 +171,7 @@ class Services:
         await self.hot.close()
         await self.forwarder.close()
         await self.limiter.close()
+        await self.auth.close()
         await self.db.dispose()
 
 

@@ -101,6 +101,60 @@ class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_limits: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
 
 
+Role = Literal["user", "auditor", "admin"]
+JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
+
+
+class IdentityMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How an identity's groups (token claim values, certificate OUs) become a team and a role."""
+
+    # Groups starting with this prefix name the team (prefix removed); exactly one must.
+    team_prefix: str = ""
+    # Group → role. Groups mapping to two different roles are refused (give a caller one role).
+    roles: dict[str, Role] = msgspec.field(default_factory=dict)
+    # The role when no group maps to one; unset: such callers are refused.
+    default_role: Role | None = None
+
+
+class OidcIssuer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    issuer: str
+    audience: str
+    # Keys: fetched from jwks_url (https, or http on loopback only), or read from jwks_file.
+    jwks_url: str = ""
+    jwks_file: str = ""
+    # Never "none" nor HS*: a shared secret has no place beside published keys.
+    algorithms: list[JwtAlgorithm] = msgspec.field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    clock_skew_seconds: float = 60.0
+    subject_claim: str = "sub"
+    team_claim: str = "groups"
+    roles_claim: str = "groups"
+    mapping: IdentityMapping = msgspec.field(default_factory=IdentityMapping)
+
+
+class MtlsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # PEM bundle of the CA(s) that issue client certificates; set = client certificates required.
+    client_ca: str = ""
+    # Which name identifies the caller.
+    subject: Literal["cn", "san_dns", "san_uri", "san_email"] = "cn"
+    # Team and role come from the certificate subject's OU values, mapped like token groups.
+    mapping: IdentityMapping = msgspec.field(default_factory=IdentityMapping)
+    # Behind a TLS-terminating proxy: the header carrying the verified client certificate
+    # (URL-encoded PEM, as nginx's $ssl_client_escaped_cert), accepted only from these networks.
+    proxy_header: str = ""
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+
+
+class AuthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    api_keys: bool = True
+    oidc: list[OidcIssuer] = msgspec.field(default_factory=list)
+    mtls: MtlsSettings = msgspec.field(default_factory=MtlsSettings)
+    # JWKS: keep fetched keys this long; on an unknown `kid` fetch again, but at
+    # most once per jwks_min_refresh_seconds per issuer (a flood of bad tokens
+    # must not become a flood of requests to the identity provider).
+    jwks_cache_seconds: float = 3600.0
+    jwks_min_refresh_seconds: float = 30.0
+
+
 class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -147,6 +201,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
     policy: PolicySettings = msgspec.field(default_factory=PolicySettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     integrity: IntegritySettings = msgspec.field(default_factory=IntegritySettings)
     # Model publishers whose manifest signatures the gateway trusts.
@@ -257,6 +312,9 @@ def _check(settings: Settings, path: Path) -> None:
             f"{path}: audit.queue_max, batch_max, checkpoint_every, capture_max_bytes and checkpoint_seconds"
             " must be positive"
         )
+    _check_auth(settings.auth, path)
+    if settings.auth.mtls.client_ca and not settings.auth.mtls.proxy_header and not settings.gateway.tls_cert:
+        raise ConfigError(f"{path}: auth.mtls.client_ca needs gateway.tls_cert and tls_key (or a proxy_header)")
     for d in settings.deployments:
         if not d.engine_url.startswith(("http://", "https://")):
             raise ConfigError(f"{path}: deployment {d.name!r}: engine_url must be http:// or https://")
@@ -264,3 +322,28 @@ def _check(settings: Settings, path: Path) -> None:
             raise ConfigError(
                 f"{path}: deployment {d.name!r}: set manifest and model_dir, or verify = false to serve it unverified"
             )
+
+
+def _check_auth(auth: AuthSettings, path: Path) -> None:
+    issuers = [i.issuer for i in auth.oidc]
+    if len(set(issuers)) != len(issuers):
+        raise ConfigError(f"{path}: auth.oidc: an issuer is listed twice")
+    for i in auth.oidc:
+        if bool(i.jwks_url) == bool(i.jwks_file):
+            raise ConfigError(f"{path}: auth.oidc {i.issuer!r}: set exactly one of jwks_url and jwks_file")
+        if i.jwks_url and not _https_or_loopback(i.jwks_url):
+            raise ConfigError(f"{path}: auth.oidc {i.issuer!r}: jwks_url must be https:// (http:// only on loopback)")
+        if not i.algorithms or not i.audience:
+            raise ConfigError(f"{path}: auth.oidc {i.issuer!r}: audience and algorithms must not be empty")
+    m = auth.mtls
+    if m.proxy_header and not m.trusted_proxies:
+        raise ConfigError(f"{path}: auth.mtls.proxy_header needs trusted_proxies (the proxy's addresses)")
+    if m.proxy_header and not m.client_ca:
+        raise ConfigError(f"{path}: auth.mtls.proxy_header needs client_ca (forwarded certificates are checked too)")
+
+
+def _https_or_loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost"))

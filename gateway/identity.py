@@ -1,0 +1,119 @@
+"""Who is calling: an API key, an OIDC bearer token, or a client certificate.
+
+A request with `Authorization: Bearer` is authenticated by it: `bst_...` is an
+API key, a three-part token is a JWT from a configured issuer. A request
+without one is authenticated by its client certificate, when mTLS is on (a
+request that has both is authenticated by the bearer; the certificate's
+fingerprint still goes into its audit record). Every way ends in the same
+`Principal`, so policy and audit do not care which it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from gateway.errors import Forbidden, Unauthenticated
+from gateway.keys import KeyStore, Principal, Role
+from gateway.mtls import ClientCertificates, fingerprint, organizational_units, subject_name
+from gateway.oidc import OidcVerifier, stable_id
+from gateway.settings import AuthSettings, IdentityMapping
+
+
+def map_identity(groups: Iterable[str], team_values: Iterable[str], mapping: IdentityMapping) -> tuple[str, Role]:
+    """Team and role from an identity's groups; refused when either is missing or ambiguous."""
+    teams = sorted({v.removeprefix(mapping.team_prefix) for v in team_values if v.startswith(mapping.team_prefix)})
+    if len(teams) != 1:
+        found = "no team" if not teams else f"{len(teams)} teams ({', '.join(teams)})"
+        raise Forbidden(f"Your identity maps to {found}; it must map to exactly one.", audit_reason="team_unmapped")
+    roles = {mapping.roles[g] for g in groups if g in mapping.roles}
+    if len(roles) > 1:
+        raise Forbidden(
+            f"Your identity maps to several roles ({', '.join(sorted(roles))}); it must map to one.",
+            audit_reason="role_ambiguous",
+        )
+    role = roles.pop() if roles else mapping.default_role
+    if role is None:
+        raise Forbidden("Your identity maps to no role in this gateway.", audit_reason="role_unmapped")
+    return teams[0], role
+
+
+def _values(claim: Any) -> list[str]:
+    if isinstance(claim, str):
+        return [claim]
+    if isinstance(claim, list):
+        return [v for v in claim if isinstance(v, str)]
+    return []
+
+
+class Authenticator:
+    def __init__(self, auth: AuthSettings, keys: KeyStore, base_dir: Path):
+        self._auth = auth
+        self._keys = keys
+        self._oidc = OidcVerifier(auth, base_dir) if auth.oidc else None
+        self._certs = ClientCertificates(auth.mtls, base_dir) if auth.mtls.client_ca else None
+
+    async def close(self) -> None:
+        if self._oidc is not None:
+            await self._oidc.close()
+
+    async def authenticate(self, scope: dict[str, Any], headers: Any, client_addr: str | None) -> Principal:
+        cert = self._certs.of(scope, headers, client_addr) if self._certs else None
+        authorization = headers.get("authorization")
+        if authorization:
+            principal = await self._bearer(authorization)
+        elif cert is not None:
+            principal = self._from_certificate(cert)
+        else:
+            raise Unauthenticated(
+                "Missing credentials: send 'Authorization: Bearer <key or token>'.", audit_reason="missing_key"
+            )
+        if cert is not None and principal.fingerprint is None:
+            principal = principal.with_certificate(fingerprint(cert))
+        return principal
+
+    async def _bearer(self, authorization: str) -> Principal:
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and token.count(".") == 2 and not token.startswith("bst_"):
+            if self._oidc is None:
+                raise Unauthenticated("Bearer tokens are not accepted here; use an API key.", audit_reason="oidc_off")
+            verified = await self._oidc.verify(token)
+            cfg = verified.config
+            team, role = map_identity(
+                _values(verified.claims.get(cfg.roles_claim)), _values(verified.claims.get(cfg.team_claim)), cfg.mapping
+            )
+            return Principal(
+                auth_method="oidc",
+                key_id=stable_id("oidc", verified.issuer, verified.subject),
+                name=verified.subject,
+                role=role,
+                team=team,
+                issuer=verified.issuer,
+                subject=verified.subject,
+            )
+        if not self._auth.api_keys:
+            raise Unauthenticated("API keys are not accepted here.", audit_reason="api_keys_off")
+        return await self._keys.authenticate(authorization)
+
+    def _from_certificate(self, cert: x509.Certificate) -> Principal:
+        m = self._auth.mtls
+        subject = subject_name(cert, m.subject)
+        if not subject:
+            raise Unauthenticated(
+                f"The client certificate has no {m.subject} to identify you by.", audit_reason="cert_without_subject"
+            )
+        units = organizational_units(cert)
+        team, role = map_identity(units, units, m.mapping)
+        return Principal(
+            auth_method="mtls",
+            key_id=stable_id("mtls", subject),
+            name=subject,
+            role=role,
+            team=team,
+            subject=subject,
+            fingerprint=fingerprint(cert),
+        )
