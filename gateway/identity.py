@@ -1,10 +1,12 @@
 """Who is calling: an API key, an OIDC bearer token, or a client certificate.
 
-A request with `Authorization: Bearer` is authenticated by it: `bst_...` is an
-API key, a three-part token is a JWT from a configured issuer. A request
-without one is authenticated by its client certificate, when mTLS is on (a
-request that has both is authenticated by the bearer; the certificate's
-fingerprint still goes into its audit record). Every way ends in the same
+A bearer credential authenticates the request when it is one: `bst_...` is an
+API key, a three-part token is a JWT from a configured issuer. Otherwise the
+client certificate does, when mTLS is on; a bearer that is neither key nor
+token is then ignored, because the `openai` SDK always sends some `api_key`
+and a certified caller has nothing else to put there. A request with both a
+credential and a certificate is authenticated by the credential; the
+certificate's fingerprint still goes into its audit record. Every way ends in the same
 `Principal`, so policy and audit do not care which it was.
 """
 
@@ -41,6 +43,11 @@ def map_identity(groups: Iterable[str], team_values: Iterable[str], mapping: Ide
     return teams[0], role
 
 
+def _is_credential(authorization: str) -> bool:
+    token = authorization.partition(" ")[2].strip()
+    return token.startswith("bst_") or token.count(".") == 2
+
+
 def _values(claim: Any) -> list[str]:
     if isinstance(claim, str):
         return [claim]
@@ -63,7 +70,7 @@ class Authenticator:
     async def authenticate(self, scope: dict[str, Any], headers: Any, client_addr: str | None) -> Principal:
         cert = self._certs.of(scope, headers, client_addr) if self._certs else None
         authorization = headers.get("authorization")
-        if authorization:
+        if authorization and (cert is None or _is_credential(authorization)):
             principal = await self._bearer(authorization)
         elif cert is not None:
             principal = self._from_certificate(cert)

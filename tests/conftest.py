@@ -132,6 +132,7 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         audit: dict[str, object] | None = None,
         policy: str | None = None,
         policy_settings: dict[str, object] | None = None,
+        extra_toml: str = "",
         start: bool = True,
     ) -> Gateway:
         nonlocal count
@@ -148,6 +149,7 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
             database=database,
             audit=audit,
             policy_settings=policy_settings,
+            extra_toml=extra_toml,
             **({"policy": policy} if policy is not None else {}),
         )
         migrate.upgrade(db_url)

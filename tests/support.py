@@ -97,6 +97,7 @@ def write_config(
     audit: dict[str, Any] | None = None,
     policy: str = OPEN_POLICY,
     policy_settings: dict[str, Any] | None = None,
+    extra_toml: str = "",
     engine_python: str = "",
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,8 @@ def write_config(
         if e.model_dir:
             lines += [f"model_dir = {toml_value(e.model_dir)}", "[deployments.engine]", "max_model_len = 512"]
     path = directory / "bastion.toml"
-    path.write_text("\n".join(lines) + "\n")
+    # Tables that come after every other (e.g. [[auth.oidc]] with its sub-tables).
+    path.write_text("\n".join(lines) + "\n" + extra_toml)
     return path
 
 
@@ -145,6 +147,8 @@ class Gateway:
     proc: subprocess.Popen[bytes] | None = None
     # With TLS: the certificate file clients must trust.
     tls_cert: str | None = None
+    # With mutual TLS: (certificate, key) files this helper presents.
+    client_cert: tuple[str, str] | None = None
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -156,7 +160,12 @@ class Gateway:
 
     @property
     def verify(self) -> ssl.SSLContext | bool:
-        return ssl.create_default_context(cafile=self.tls_cert) if self.tls_cert else True
+        if not self.tls_cert:
+            return True
+        context = ssl.create_default_context(cafile=self.tls_cert)
+        if self.client_cert:
+            context.load_cert_chain(*self.client_cert)
+        return context
 
     def start(self, timeout: float = 30) -> Gateway:
         with open(self.log_path, "ab") as log:
@@ -221,13 +230,13 @@ class Gateway:
         headers = kwargs.pop("headers", {})
         if key is not None:
             headers["authorization"] = f"Bearer {key}"
-        return httpx.post(self.url + path, headers=headers, timeout=30, **kwargs)
+        return httpx.post(self.url + path, headers=headers, timeout=30, verify=self.verify, **kwargs)
 
     def get(self, path: str, *, key: str | None = None, **kwargs: Any) -> httpx.Response:
         headers = kwargs.pop("headers", {})
         if key is not None:
             headers["authorization"] = f"Bearer {key}"
-        return httpx.get(self.url + path, headers=headers, timeout=60, **kwargs)
+        return httpx.get(self.url + path, headers=headers, timeout=60, verify=self.verify, **kwargs)
 
     def bastion(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a `bastion` command against this gateway's config."""
