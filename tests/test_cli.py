@@ -106,6 +106,18 @@ def test_serve_refuses_a_database_behind_the_code(tmp_path: Path) -> None:
     assert "revision 0001" in result.stderr and "bastion db upgrade" in result.stderr
 
 
+def test_the_readme_configuration_example_loads(tmp_path: Path) -> None:
+    """The reference in README.md stays true to the settings code."""
+    from gateway.settings import load_settings
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Configuration") :]
+    start = section.index("```toml") + len("```toml")
+    (tmp_path / "bastion.toml").write_text(section[start : section.index("```", start)])
+    settings = load_settings(tmp_path / "bastion.toml")
+    assert settings.auth.oidc[0].audience == "bastion" and settings.policy.rate_limits.backend == "memory"
+
+
 def test_config_error_names_the_field(tmp_path: Path) -> None:
     config = tmp_path / "bastion.toml"
     config.write_text("[gateway]\nport = 'eighty'\n")

@@ -100,15 +100,16 @@ class Issuer:
             {k: v for k, v in body.items() if v is not None}, key or own, algorithm=alg or key_alg, headers={"kid": kid}
         )
 
-    def toml(self, **mapping: Any) -> str:
-        roles = mapping.get(
-            "roles", {"bastion-users": "user", "bastion-auditors": "auditor", "bastion-admins": "admin"}
-        )
+    def toml(self, jwks_file: Path | None = None) -> str:
+        """This issuer's [[auth.oidc]] block; with `jwks_file`, its keys are written there instead of served."""
+        roles = {"bastion-users": "user", "bastion-auditors": "auditor", "bastion-admins": "admin"}
+        if jwks_file is not None:
+            jwks_file.write_text(json.dumps({"keys": [_jwk(k, key) for k, (_, key) in self.keys.items()]}))
         lines = [
             "[[auth.oidc]]",
             f'issuer = "{self.iss}"',
             f'audience = "{AUDIENCE}"',
-            f'jwks_url = "{self.jwks_url}"',
+            f'jwks_file = "{jwks_file}"' if jwks_file else f'jwks_url = "{self.jwks_url}"',
             "clock_skew_seconds = 60",
             "[auth.oidc.mapping]",
             'team_prefix = "team:"',
@@ -259,10 +260,14 @@ def test_key_rotation_is_picked_up_and_refreshes_are_capped(
     assert r.status_code == 200, r.text
 
 
-def test_several_issuers_at_once(make_gateway: GatewayFactory, vllm_engine: EngineRef, issuer: Issuer) -> None:
+def test_several_issuers_at_once(
+    make_gateway: GatewayFactory, vllm_engine: EngineRef, issuer: Issuer, tmp_path: Path
+) -> None:
     other = Issuer("partner")
     try:
-        gw = make_gateway(engines=[vllm_engine], policy=POLICY, extra_toml=auth_toml(issuer, other))
+        # The partner's keys come from a file (an air-gapped site's way), the bank's over HTTP.
+        toml = auth_toml(issuer) + other.toml(jwks_file=tmp_path / "partner-jwks.json")
+        gw = make_gateway(engines=[vllm_engine], policy=POLICY, extra_toml=toml)
         assert models(gw, issuer.token()).status_code == 200
         assert models(gw, other.token()).status_code == 200
         # A token claiming one issuer but signed with the other's key.
@@ -445,6 +450,46 @@ def test_client_certificate_forwarded_by_a_trusted_proxy(
     refused(trusting, forwarded(trusting, foreign), 401, "foreign_cert")
     # The same header from an address that is not the proxy is a forgery.
     refused(distrusting, forwarded(distrusting, good), 401, "untrusted_cert_header")
+
+
+def test_certificate_names_by_kind(tmp_path: Path) -> None:
+    from gateway.mtls import organizational_units, subject_name
+
+    pki = Pki(tmp_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName(
+        [
+            x509.DNSName("claims.svc.bank.test"),
+            x509.RFC822Name("claims@bank.test"),
+            x509.UniformResourceIdentifier("spiffe://bank.test/claims"),
+        ]
+    )
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "svc-claims"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "team:claims"),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(pki.ca.subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(san, critical=False)
+        .sign(pki.ca_key, hashes.SHA256())
+    )
+    names = {kind: subject_name(cert, kind) for kind in ("cn", "san_dns", "san_email", "san_uri")}
+    assert names == {
+        "cn": "svc-claims",
+        "san_dns": "claims.svc.bank.test",
+        "san_email": "claims@bank.test",
+        "san_uri": "spiffe://bank.test/claims",
+    }
+    assert organizational_units(cert) == ["team:claims"]
 
 
 def gw_final(gw: Gateway, r: httpx.Response) -> dict[str, Any]:
