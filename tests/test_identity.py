@@ -387,13 +387,24 @@ def test_mutual_tls_with_the_openai_sdk(make_gateway: GatewayFactory, vllm_engin
     gw.client_cert = (str(good[0]), str(good[1]))  # for the helper's health checks
     gw.start()
 
+    opened: list[httpx.Client] = []
+
     def client(cert: tuple[Path, Path] | None, key: str = "unused") -> openai.OpenAI:
         context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
         if cert:
             context.load_cert_chain(str(cert[0]), str(cert[1]))
-        return openai.OpenAI(
-            api_key=key, base_url=gw.url + "/v1", max_retries=0, http_client=httpx.Client(verify=context)
-        )
+        opened.append(httpx.Client(verify=context))
+        return openai.OpenAI(api_key=key, base_url=gw.url + "/v1", max_retries=0, http_client=opened[-1])
+
+    try:
+        _mtls_calls(gw, client, good, expired, foreign, no_role)
+    finally:
+        # Open TLS connections would hold the gateway's graceful shutdown until its timeout.
+        for c in opened:
+            c.close()
+
+
+def _mtls_calls(gw: Gateway, client: Any, good: Any, expired: Any, foreign: Any, no_role: Any) -> None:
 
     raw = client(good).chat.completions.with_raw_response.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=2
