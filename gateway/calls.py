@@ -9,6 +9,7 @@ When that record cannot be written, the caller gets 503 and nothing more.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -42,10 +43,11 @@ from gateway.errors import (
 )
 from gateway.forward import EngineStream, Usage, error_of, usage_of
 from gateway.keys import Principal
+from gateway.media import MediaLimits, check_parts
 from gateway.policies import rate_headers
 from gateway.services import Services
 from gateway.summary import Kind, RequestSummary, body_for_engine, summarize
-from policy import Caller, Decision, Denial, Lease, LimiterUnavailable, Policy, decide
+from policy import Caller, Decision, Denial, Lease, LimiterUnavailable, MediaPart, Policy, Prompt, decide
 
 log = structlog.get_logger("bastion.call")
 
@@ -211,7 +213,8 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
         call.request_sha256 = call.digest(body)
         summary = summarize(kind, body)
         call.model, call.stream = summary.model, summary.stream
-        decision = enforce(svc.policy, call, principal, summary)
+        media = await inspect_media(svc, call, summary)
+        decision = enforce(svc.policy, call, principal, summary.prompt(media))
         upstream = svc.upstreams.get(summary.model)
         if upstream is None:
             raise ModelNotFound(
@@ -254,10 +257,22 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
             svc.spawn(settle(svc, lease, call.tokens_used))
 
 
-def enforce(policy: Policy, call: Call, principal: Principal, summary: RequestSummary) -> Decision:
+async def inspect_media(svc: Services, call: Call, summary: RequestSummary) -> tuple[MediaPart, ...]:
+    """Decode and check every media part (in a thread: images can take milliseconds);
+    their types, sizes and SHA-256 go into the audit record."""
+    if not summary.media:
+        return ()
+    m = svc.settings.media
+    limits = MediaLimits(max_image_pixels=m.max_image_pixels, max_audio_seconds=m.max_audio_seconds)
+    media = await asyncio.to_thread(check_parts, list(summary.media), limits)
+    call.detail["media"] = [{k: v for k, v in msgspec.structs.asdict(part).items() if v is not None} for part in media]
+    return media
+
+
+def enforce(policy: Policy, call: Call, principal: Principal, prompt: Prompt) -> Decision:
     """Ask policy; record its answer on the call; raise the refusal it implies."""
     caller = Caller(key_id=principal.key_id, team=principal.team, client_addr=call.client_addr)
-    decision = decide(policy, caller, summary.prompt())
+    decision = decide(policy, caller, prompt)
     call.detail["policy"] = {"sha256": policy.sha256, **decision.audit()}
     if decision.allowed:
         return decision

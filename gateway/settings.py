@@ -155,6 +155,12 @@ class AuthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     jwks_min_refresh_seconds: float = 30.0
 
 
+class MediaSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Ceilings for every caller; a team's policy can only set tighter ones.
+    max_image_pixels: int = 40_000_000
+    max_audio_seconds: float = 600.0
+
+
 class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -202,6 +208,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
     policy: PolicySettings = msgspec.field(default_factory=PolicySettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    media: MediaSettings = msgspec.field(default_factory=MediaSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     integrity: IntegritySettings = msgspec.field(default_factory=IntegritySettings)
     # Model publishers whose manifest signatures the gateway trusts.

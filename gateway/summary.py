@@ -15,7 +15,6 @@ from typing import Any, Literal
 import msgspec
 
 from gateway.errors import BadRequest
-from gateway.media import media_part
 from policy import MediaPart, Prompt
 
 Kind = Literal["chat", "completions"]
@@ -93,11 +92,12 @@ class RequestSummary(msgspec.Struct, frozen=True):
     # Every text of the request in walk order (see `_texts_of`), for policy.
     texts: tuple[str, ...] = ()
     token_ids: bool = False
-    media: tuple[MediaPart, ...] = ()
+    # Media parts as sent, with their JSON paths; gateway.media checks them.
+    media: tuple[tuple[str, Part], ...] = ()
     reasoning: bool = False
 
-    def prompt(self) -> Prompt:
-        """What policy reads of this request."""
+    def prompt(self, media: tuple[MediaPart, ...] = ()) -> Prompt:
+        """What policy reads of this request, with its media parts as checked."""
         return Prompt(
             model=self.model,
             stream=self.stream,
@@ -105,7 +105,7 @@ class RequestSummary(msgspec.Struct, frozen=True):
             reasoning=self.reasoning,
             texts=self.texts,
             token_ids=self.token_ids,
-            media=self.media,
+            media=media,
         )
 
 
@@ -160,19 +160,19 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
     )
 
 
-def _chat_inputs(messages: list[Message]) -> tuple[tuple[str, ...], tuple[MediaPart, ...]]:
+def _chat_inputs(messages: list[Message]) -> tuple[tuple[str, ...], tuple[tuple[str, Part], ...]]:
     """The texts (in walk order: message by message, part by part) and media parts."""
     texts: list[str] = []
-    media: list[MediaPart] = []
-    for m in messages:
+    media: list[tuple[str, Part]] = []
+    for i, m in enumerate(messages):
         if isinstance(m.content, str):
             texts.append(m.content)
         elif m.content:
-            for part in m.content:
+            for j, part in enumerate(m.content):
                 if isinstance(part, TextPart):
                     texts.append(part.text)
                 else:
-                    media.append(media_part(part))
+                    media.append((f"messages[{i}].content[{j}]", part))
     return tuple(texts), tuple(media)
 
 

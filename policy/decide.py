@@ -41,6 +41,11 @@ class MediaPart(msgspec.Struct, frozen=True):
     size: int | None = None
     # Audio length; None when it cannot be read from the data.
     seconds: float | None = None
+    # Image pixels (all frames); None when unknown.
+    pixels: int | None = None
+    # What the gateway found when it decoded the part (for the audit record).
+    mime: str | None = None
+    sha256: str | None = None
 
 
 class Caller(msgspec.Struct, frozen=True):
@@ -239,6 +244,13 @@ def _check_media(kind: str, limits: Media, parts: list[MediaPart]) -> Decision |
                     Denial.TOO_LARGE,
                     f"An {kind} part is {part.size} bytes; the limit is {limits.max_bytes.value}.",
                 )
+        if limits.max_pixels is not None and (part.pixels is None or part.pixels > limits.max_pixels.value):
+            return _deny(
+                limits.max_pixels.rule,
+                Denial.TOO_LARGE,
+                f"An {kind} part has {part.pixels or 'an unknown number of'} pixels; the limit is "
+                f"{limits.max_pixels.value}.",
+            )
         if limits.max_seconds is not None:
             if part.seconds is None:
                 return _deny(

@@ -88,6 +88,10 @@ class Media:
     max_count: Limit | None = None
     max_bytes: Limit | None = None
     max_seconds: Limit | None = None
+    max_pixels: Limit | None = None
+
+
+_MEDIA_LIMITS = ("max_count", "max_bytes", "max_seconds", "max_pixels")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +130,7 @@ def _tighter(a: Limit | None, b: Limit | None) -> Limit | None:
 
 
 def _media(m: MediaLimits, path: str, line_of: LineOf) -> Media:
-    return Media(
-        *(
-            _limit(getattr(m, f), Rule(f"{path}.{f}", line_of(f"{path}.{f}")))
-            for f in ("max_count", "max_bytes", "max_seconds")
-        )
-    )
+    return Media(*(_limit(getattr(m, f), Rule(f"{path}.{f}", line_of(f"{path}.{f}"))) for f in _MEDIA_LIMITS))
 
 
 def _rates(r: Rate, path: str, line_of: LineOf) -> Rates:
@@ -140,7 +139,7 @@ def _rates(r: Rate, path: str, line_of: LineOf) -> Rates:
 
 
 def _narrow_media(a: Media, b: Media) -> Media:
-    return Media(*(_tighter(getattr(a, f), getattr(b, f)) for f in ("max_count", "max_bytes", "max_seconds")))
+    return Media(*(_tighter(getattr(a, f), getattr(b, f)) for f in _MEDIA_LIMITS))
 
 
 def _narrow_rates(a: Rates, b: Rates) -> Rates:

@@ -30,6 +30,8 @@ class MediaLimits(Strict):
     max_bytes: Positive | None = None
     # Audio only: length of one clip.
     max_seconds: PositiveFloat | None = None
+    # Images only: width x height (x frames) of one image.
+    max_pixels: Positive | None = None
 
 
 class Rate(Strict):

@@ -109,9 +109,9 @@ BAD = [
     ("version: 1\nteams:\n  a:\n    keys:\n      k: {stream: true}\n    stream: false\n", 5, "teams.a.keys.k", "widen"),
     ("version: 1\nteams:\n  a:\n    keys:\n      k: {modelz: [x]}\n", 5, "teams.a.keys.k.modelz", "unknown field"),
     (
-        "version: 1\nteams:\n  a:\n    images: {max_count: 1, max_pixels: 9}\n",
+        "version: 1\nteams:\n  a:\n    images: {max_count: 1, max_megapixels: 9}\n",
         4,
-        "teams.a.images.max_pixels",
+        "teams.a.images.max_megapixels",
         "unknown",
     ),
 ]

@@ -1,0 +1,181 @@
+"""Media parts are decoded and checked before anything reaches the engine:
+every bad image and bad audio case gets a clear 400 and an audit row, remote
+URLs cause no traffic at all, and accepted parts are hashed into the audit."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import wave
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from gateway.errors import BadRequest
+from gateway.media import MediaLimits, check_audio, check_image
+from tests.conftest import GatewayFactory
+from tests.support import EngineRef, Gateway, SocketDouble
+
+LIMITS = MediaLimits(max_image_pixels=40_000_000, max_audio_seconds=600)
+
+
+def image_bytes(fmt: str, size: tuple[int, int] = (8, 8), mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size).save(out, fmt)
+    return out.getvalue()
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\0\0" * int(rate * seconds))
+    return out.getvalue()
+
+
+# One MPEG-1 Layer III frame header (128 kb/s, 44.1 kHz) and a silent 417-byte frame, 40 times: 1.04 s.
+MP3 = (b"\xff\xfb\x90\x64" + b"\x00" * 413) * 40
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime"), [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif")]
+)
+def test_each_accepted_image_type_is_decoded_and_hashed(fmt: str, mime: str) -> None:
+    data = image_bytes(fmt)
+    part = check_image(data_url(mime, data), LIMITS, "p")
+    assert (part.kind, part.mime, part.size, part.pixels) == ("image", mime, len(data), 64)
+    assert part.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_audio_length_is_read_from_wav_and_mp3() -> None:
+    assert check_audio(base64.b64encode(wav_bytes(1.5)).decode(), "wav", LIMITS, "p").seconds == pytest.approx(1.5)
+    assert check_audio(base64.b64encode(MP3).decode(), "mp3", LIMITS, "p").seconds == pytest.approx(1.04, abs=0.01)
+
+
+BAD_IMAGES = {
+    "media_bad_base64": "data:image/png;base64,not*base64!",
+    "media_corrupt": data_url("image/png", image_bytes("PNG")[:40]),
+    "media_type_mismatch": data_url("image/png", image_bytes("JPEG")),
+    "media_bad_type": data_url("image/bmp", image_bytes("BMP")),
+    "media_bad_data_url": "data:image/png,rawbytes",
+    "media_too_many_pixels": data_url("image/png", image_bytes("PNG", (10000, 10000), "1")),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_IMAGES))
+def test_bad_images(reason: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        check_image(BAD_IMAGES[reason], LIMITS, "messages[0].content[1]")
+    assert caught.value.audit_reason == reason and caught.value.param == "messages[0].content[1]"
+
+
+def test_a_pixel_ceiling_below_pillows_own() -> None:
+    small = MediaLimits(max_image_pixels=1000, max_audio_seconds=600)
+    with pytest.raises(BadRequest, match="64x64 pixels, over the limit of 1000"):
+        check_image(data_url("image/png", image_bytes("PNG", (64, 64))), small, "p")
+
+
+BAD_AUDIO = {
+    "media_bad_base64": ("%%%%", "wav"),
+    "media_corrupt": (base64.b64encode(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk").decode(), "wav"),
+    "media_type_mismatch": (base64.b64encode(wav_bytes(0.5)).decode(), "mp3"),
+    "media_bad_type": (base64.b64encode(wav_bytes(0.5)).decode(), "flac"),
+    "media_too_long": (base64.b64encode(wav_bytes(3)).decode(), "wav"),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_AUDIO))
+def test_bad_audio(reason: str) -> None:
+    data, fmt = BAD_AUDIO[reason]
+    with pytest.raises(BadRequest) as caught:
+        check_audio(data, fmt, MediaLimits(max_image_pixels=1000, max_audio_seconds=2), "p")
+    assert caught.value.audit_reason == reason
+
+
+# ---------------------------------------------------------------- gateway
+
+
+def chat(gw: Gateway, key: str, parts: list[dict[str, Any]]) -> Any:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, *parts]}],
+        "max_tokens": 1,
+    }
+    return gw.post("/v1/chat/completions", key=key, json=body)
+
+
+@pytest.mark.engine
+def test_bad_media_never_reaches_the_engine_and_remote_urls_are_not_fetched(
+    make_gateway: GatewayFactory, tripwire: SocketDouble
+) -> None:
+    gw = make_gateway(engines=[EngineRef("tiny", tripwire.url, "k")], audit={"mode": "strict"})
+    key = gw.create_key()
+    listener = SocketDouble("hang")  # where the remote URLs point: a loopback socket of our own
+    try:
+        cases: list[tuple[str, dict[str, Any]]] = [
+            (reason, {"type": "image_url", "image_url": {"url": url}}) for reason, url in BAD_IMAGES.items()
+        ]
+        for scheme in ("http", "https"):
+            cases.append(
+                (
+                    "media_remote_url",
+                    {"type": "image_url", "image_url": {"url": f"{scheme}://127.0.0.1:{listener.port}/x.png"}},
+                )
+            )
+        cases.append(("media_remote_url", {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}))
+        cases.append(
+            ("media_remote_url", {"type": "audio_url", "audio_url": {"url": f"http://127.0.0.1:{listener.port}/a.wav"}})
+        )
+        for reason, (data, fmt) in BAD_AUDIO.items():
+            if reason != "media_too_long":
+                cases.append((reason, {"type": "input_audio", "input_audio": {"data": data, "format": fmt}}))
+        for reason, part in cases:
+            r = chat(gw, key, [part])
+            assert r.status_code == 400, (reason, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "invalid_media" and error["param"] == "messages[0].content[1]", error
+            records = gw.records(r.headers["x-request-id"])
+            assert [x["phase"] for x in records] == ["final"] and records[0]["error_type"] == reason, (reason, records)
+        assert tripwire.calls == 0, "a bad part reached the engine"
+        assert listener.request_lines == [], "the gateway fetched a remote URL"
+    finally:
+        listener.close()
+
+
+@pytest.mark.engine
+def test_accepted_media_is_hashed_into_the_audit_record(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> None:
+    gw = make_gateway(engines=[vllm_engine])
+    png, wav = image_bytes("PNG", (16, 16)), wav_bytes(0.5)
+    parts = [
+        {"type": "image_url", "image_url": {"url": data_url("image/png", png)}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}},
+    ]
+    r = chat(gw, gw.create_key(), parts)
+    # The text-only test engine then refuses the media itself; the gateway let it through.
+    assert r.status_code == 400 and r.json()["error"]["code"] != "invalid_media", r.text
+    media = json.loads(gw.final(r.headers["x-request-id"])["detail"])["media"]
+    assert media == [
+        {
+            "kind": "image",
+            "mime": "image/png",
+            "size": len(png),
+            "pixels": 256,
+            "sha256": hashlib.sha256(png).hexdigest(),
+        },
+        {
+            "kind": "audio",
+            "mime": "audio/wav",
+            "size": len(wav),
+            "seconds": 0.5,
+            "sha256": hashlib.sha256(wav).hexdigest(),
+        },
+    ]
