@@ -24,7 +24,9 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    # Thinking mode as Qwen3 and GLM templates do it: the answer opens with <think>.
+    "{% if enable_thinking %}{{ '<think>\n' }}{% endif %}{% endif %}"
 )
 
 CORPUS = [
@@ -34,7 +36,8 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog 0123456789 times.",
     "Banks, hospitals and public agencies run models on their own machines.",
 ]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# <think> and </think> let vLLM's reasoning parser (deepseek_r1) run on this model.
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
 def build(out: Path) -> None:

@@ -45,6 +45,7 @@ from gateway.forward import EngineStream, Usage, error_of, usage_of
 from gateway.keys import Principal
 from gateway.media import MediaLimits, check_parts
 from gateway.policies import rate_headers
+from gateway.reasoning import event_without_reasoning, without_reasoning
 from gateway.services import Services
 from gateway.summary import Kind, RequestSummary, body_for_engine, summarize
 from policy import Caller, Decision, Denial, Lease, LimiterUnavailable, MediaPart, Policy, Prompt, decide
@@ -81,6 +82,8 @@ class Call:
     extra_headers: dict[str, str] = field(default_factory=dict)
     # Prompt plus completion tokens, once the engine has said (settles the rate limit).
     tokens_used: int | None = None
+    # Remove the model's reasoning from the answer (the caller did not ask, or may not have it).
+    strip_reasoning: bool = True
 
     @classmethod
     def begin(cls, request: Request[Any, Any, Any]) -> Call:
@@ -215,6 +218,9 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
         call.model, call.stream = summary.model, summary.stream
         media = await inspect_media(svc, call, summary)
         decision = enforce(svc.policy, call, principal, summary.prompt(media))
+        call.strip_reasoning = not (summary.return_reasoning and decision.reasoning)
+        if summary.reasoning or summary.return_reasoning:
+            call.detail["reasoning"] = {"enabled": summary.reasoning, "returned": not call.strip_reasoning}
         upstream = svc.upstreams.get(summary.model)
         if upstream is None:
             raise ModelNotFound(
@@ -348,6 +354,8 @@ def _captured(svc: Services, call: Call, request: bytes, response: bytes) -> lis
 
 async def _finish(svc: Services, call: Call, status: int, body: bytes, answer: bytes) -> Response[bytes]:
     """Audit a complete (non-streamed) engine answer, then hand it over."""
+    if status == 200 and call.strip_reasoning:
+        answer = without_reasoning(answer)
     fields: dict[str, Any] = {"response_sha256": call.digest(answer)}
     if status == 200:
         usage = usage_of(answer)
@@ -395,6 +403,8 @@ async def _relay(
                 usage = chunk.usage or usage
                 if strip_usage and not chunk.choices:
                     continue  # the usage chunk the gateway asked for, not the client
+            if call.strip_reasoning:
+                event = event_without_reasoning(event)
             digest.update(event)
             if kept is not None and room > 0:
                 kept.append(event[:room])

@@ -69,6 +69,8 @@ class ChatBody(msgspec.Struct, frozen=True):
     # Reasoning: top-level (LangChain's extra_body) or vLLM's chat template argument.
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Bastion's own: send the model's reasoning back (default: keep it from the client).
+    return_reasoning: bool | None = None
 
 
 class CompletionBody(msgspec.Struct, frozen=True):
@@ -94,7 +96,12 @@ class RequestSummary(msgspec.Struct, frozen=True):
     token_ids: bool = False
     # Media parts as sent, with their JSON paths; gateway.media checks them.
     media: tuple[tuple[str, Part], ...] = ()
+    # Thinking asked for (either way of asking), and its reasoning wanted back.
     reasoning: bool = False
+    return_reasoning: bool = False
+    # The body has top-level `enable_thinking`/`return_reasoning`, which vLLM does
+    # not read: they are moved (or dropped) on the way to the engine.
+    thinking_fields: bool = False
 
     def prompt(self, media: tuple[MediaPart, ...] = ()) -> Prompt:
         """What policy reads of this request, with its media parts as checked."""
@@ -142,10 +149,13 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         token_ids = False
         kwargs = parsed.chat_template_kwargs or {}
         reasoning = parsed.enable_thinking is True or kwargs.get("enable_thinking") is True
+        return_reasoning = parsed.return_reasoning is True
+        thinking_fields = parsed.enable_thinking is not None or parsed.return_reasoning is not None
     else:
         prompts = [parsed.prompt] if isinstance(parsed.prompt, str) else parsed.prompt
         texts = tuple(p for p in prompts if isinstance(p, str))
         token_ids, media, reasoning = len(texts) != len(prompts), (), False
+        return_reasoning = thinking_fields = False
     return RequestSummary(
         kind=kind,
         model=parsed.model,
@@ -157,6 +167,8 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         token_ids=token_ids,
         media=media,
         reasoning=reasoning,
+        return_reasoning=return_reasoning,
+        thinking_fields=thinking_fields,
     )
 
 
@@ -187,9 +199,12 @@ def body_for_engine(
       opening brace and nothing else is touched.
     - `max_tokens` (policy's cap) and `texts` (policy's redactions, in the
       order of `summary.texts`) re-encode the body.
+    - Top-level `enable_thinking` (how LangChain's `extra_body` sends it) is
+      moved to `chat_template_kwargs`, the channel vLLM passes to the chat
+      template; `return_reasoning` is the gateway's and is dropped.
     """
     wants_usage = summary.stream and not summary.client_wants_usage
-    if max_tokens is None and texts is None:
+    if max_tokens is None and texts is None and not summary.thinking_fields:
         if not wants_usage:
             return body
         if not summary.has_stream_options:
@@ -204,6 +219,10 @@ def body_for_engine(
             data["max_completion_tokens"] = max_tokens
     if texts is not None:
         _put_texts(data, summary.kind, iter(texts))
+    data.pop("return_reasoning", None)
+    thinking = data.pop("enable_thinking", None)
+    if thinking is not None:
+        data["chat_template_kwargs"] = {**(data.get("chat_template_kwargs") or {}), "enable_thinking": thinking}
     return msgspec.json.encode(data)
 
 

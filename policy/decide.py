@@ -100,6 +100,8 @@ class Decision:
     # The request's texts after redaction, in the order of Prompt.texts; None: unchanged.
     texts: tuple[str, ...] | None = None
     fired: tuple[Fired, ...] = ()
+    # Whether the caller's rules allow reasoning (its text is returned only then).
+    reasoning: bool = False
     buckets: tuple[Bucket, ...] = field(default=())
 
     def audit(self) -> dict[str, Any]:
@@ -176,6 +178,7 @@ def decide(policy: Policy, caller: Caller, prompt: Prompt) -> Decision:
         clamped_from=clamped_from,
         texts=texts if texts is not prompt.texts else None,
         fired=fired,
+        reasoning=rules.reasoning,
         buckets=_buckets(rules, caller, prompt, max_tokens),
     )
 

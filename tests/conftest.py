@@ -73,7 +73,9 @@ def vllm_engine(
             model_dir=tiny_model,
             url=ref.url,
             api_key=ref.key,
-            spec=EngineSpec(max_model_len=512, dtype="bfloat16"),
+            # The reasoning parser splits <think>...</think> into `reasoning`; the random
+            # model never closes its thinking, so every chat answer is reasoning only.
+            spec=EngineSpec(max_model_len=512, dtype="bfloat16", reasoning_parser="deepseek_r1"),
             log_file=tmp_path_factory.mktemp("engine-logs") / "engine.log",
         )
     )

@@ -1,0 +1,39 @@
+"""Keeping a model's reasoning from callers who did not ask for it.
+
+vLLM's reasoning parser puts the model's thinking in `reasoning` (older
+versions: `reasoning_content`) beside the answer, in a whole message and in
+each streamed delta. Bastion sends it on only when the caller asked
+(`return_reasoning: true`) and its policy allows reasoning; otherwise the
+fields are removed. Only a body that carries reasoning text is re-encoded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+_HAS_REASONING = re.compile(rb'"reasoning(?:_content)?"\s*:\s*"')
+_FIELDS = ("reasoning", "reasoning_content")
+
+
+def without_reasoning(body: bytes) -> bytes:
+    """A chat completion (or one stream chunk's JSON) with its reasoning fields removed."""
+    if _HAS_REASONING.search(body) is None:
+        return body
+    data: Any = msgspec.json.decode(body)
+    for choice in data.get("choices") or ():
+        for part in ("message", "delta"):
+            holder = choice.get(part)
+            if isinstance(holder, dict):
+                for name in _FIELDS:
+                    holder.pop(name, None)
+    return msgspec.json.encode(data)
+
+
+def event_without_reasoning(event: bytes) -> bytes:
+    """The same for one server-sent event (`data: {...}` and its blank line)."""
+    if not event.startswith(b"data: {") or _HAS_REASONING.search(event) is None:
+        return event
+    return b"data: " + without_reasoning(event[6:].rstrip(b"\n")) + b"\n\n"

@@ -1,0 +1,107 @@
+"""Thinking mode as the model's deployment guide asks for it (LangChain's
+`extra_body`), mapped to vLLM's chat template, and the model's reasoning kept
+from callers who did not ask for it or may not have it.
+
+The session engine runs vLLM's deepseek_r1 reasoning parser over the tiny
+model, whose chat template opens the answer with `<think>` when
+`enable_thinking` reaches it; the random model never closes its thinking, so
+every answer is reasoning only."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from langchain_openai import ChatOpenAI
+
+from tests.conftest import GatewayFactory
+from tests.support import EngineRef, Gateway
+
+pytestmark = pytest.mark.engine
+
+POLICY = """\
+version: 1
+teams:
+  thinkers:
+    models: [tiny]
+    reasoning: true
+  plain:
+    models: [tiny]
+"""
+
+
+@pytest.fixture
+def gw(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> Gateway:
+    return make_gateway(engines=[vllm_engine], policy=POLICY)
+
+
+def chat(gw: Gateway, key: str, **extra: Any) -> httpx.Response:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3, **extra}
+    return gw.post("/v1/chat/completions", key=key, json=body)
+
+
+def stream_events(gw: Gateway, key: str, **extra: Any) -> tuple[str, list[dict[str, Any]]]:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "stream": True}
+    with httpx.stream(
+        "POST",
+        gw.url + "/v1/chat/completions",
+        json={**body, **extra},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    ) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+        return r.headers["x-request-id"], [json.loads(line[6:]) for line in lines]
+
+
+def test_langchain_thinking_and_streaming_end_to_end(gw: Gateway) -> None:
+    key = gw.create_key(team="thinkers")
+    llm = ChatOpenAI(
+        model="tiny",
+        base_url=gw.url + "/v1",
+        api_key=key,
+        max_tokens=4,
+        max_retries=0,
+        extra_body={"enable_thinking": True, "return_reasoning": True},
+        streaming=True,
+    )
+    chunks = list(llm.stream("Hello there"))
+    assert chunks, "nothing streamed"
+    finals = [r for r in gw.records() if r["phase"] == "final" and r["route"] == "/v1/chat/completions"]
+    thinking = finals[-1]
+    assert thinking["outcome"] == "ok" and thinking["stream"] and thinking["completion_tokens"] == 4
+    assert json.loads(thinking["detail"])["reasoning"] == {"enabled": True, "returned": True}
+
+    plain_llm = ChatOpenAI(
+        model="tiny", base_url=gw.url + "/v1", api_key=key, max_tokens=4, max_retries=0, streaming=True
+    )
+    list(plain_llm.stream("Hello there"))
+    plain = [r for r in gw.records() if r["phase"] == "final" and r["route"] == "/v1/chat/completions"][-1]
+    # `enable_thinking` reached the chat template: it added "<think>\n" (2 tokens) to the prompt.
+    assert thinking["prompt_tokens"] == plain["prompt_tokens"] + 2
+
+
+def test_reasoning_is_returned_only_when_asked_for_and_allowed(gw: Gateway) -> None:
+    thinker, plain = gw.create_key(team="thinkers"), gw.create_key(team="plain")
+
+    asked = chat(gw, thinker, enable_thinking=True, return_reasoning=True).json()["choices"][0]["message"]
+    assert isinstance(asked["reasoning"], str) and asked["reasoning"]
+    not_asked = chat(gw, thinker, enable_thinking=True).json()["choices"][0]["message"]
+    assert "reasoning" not in not_asked and "reasoning_content" not in not_asked
+
+    # Streamed: the reasoning deltas go only to the caller who asked.
+    request_id, events = stream_events(gw, thinker, return_reasoning=True)
+    assert any(e["choices"] and "reasoning" in e["choices"][0]["delta"] for e in events)
+    request_id, events = stream_events(gw, thinker)
+    assert events and not any(e["choices"] and "reasoning" in e["choices"][0]["delta"] for e in events)
+    assert gw.final(request_id)["completion_tokens"] == 4, "tokens are audited whatever is kept from the client"
+
+    # A team whose policy does not allow reasoning never gets it, even when asking.
+    r = chat(gw, plain, return_reasoning=True)
+    assert r.status_code == 200 and "reasoning" not in r.json()["choices"][0]["message"]
+    assert json.loads(gw.final(r.headers["x-request-id"])["detail"])["reasoning"] == {
+        "enabled": False,
+        "returned": False,
+    }
+    assert chat(gw, plain, enable_thinking=True).status_code == 403
