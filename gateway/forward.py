@@ -127,9 +127,11 @@ class Forwarder:
     forwarder sits on every call's path.
     """
 
-    def __init__(self, *, connect_timeout: float, read_timeout: float, pool_size: int):
+    def __init__(self, *, connect_timeout: float, read_timeout: float, pool_size: int, keepalive: float):
+        # `keepalive` must stay below the engine's own idle timeout (vLLM: 5 s), or
+        # a call can go out on a connection the engine is closing: a 502 for nothing.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=pool_size, limit_per_host=pool_size, keepalive_timeout=60),
+            connector=aiohttp.TCPConnector(limit=pool_size, limit_per_host=pool_size, keepalive_timeout=keepalive),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
             # The engine is ours: no proxies from the environment, bodies passed through as they are.
             trust_env=False,

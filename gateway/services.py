@@ -80,6 +80,7 @@ class Services:
                 connect_timeout=g.engine_connect_timeout,
                 read_timeout=g.engine_read_timeout,
                 pool_size=g.engine_pool_size,
+                keepalive=g.engine_keepalive_seconds,
             ),
             upstreams=upstreams,
             integrity=integrity,

@@ -37,6 +37,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     engine_connect_timeout: float = 5.0
     engine_read_timeout: float = 300.0
     engine_pool_size: int = 256
+    # How long an idle pooled connection to an engine is kept. Keep it below the
+    # engine's own keep-alive (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default).
+    engine_keepalive_seconds: float = 4.0
 
 
 class DatabaseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
