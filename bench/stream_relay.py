@@ -8,7 +8,7 @@ so every stream is `--tokens` chunks long) directly and through the gateway,
 alternating rounds so machine noise hits both alike. Time to first token is
 measured to the first content or reasoning chunk.
 
-    .venv/bin/python bench/stream_relay.py [--streams 200] [--tokens 128] [--concurrency 1 8]
+    .venv/bin/python bench/stream_relay.py [--streams 200] [--tokens 128] [--concurrency 1 8] [--audit-mode relaxed]
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--engine-python", default=str(ROOT / ".venv-engine" / "bin" / "python"))
+    parser.add_argument("--audit-mode", choices=["strict", "relaxed"], default="strict")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-relay-"))
@@ -107,7 +108,9 @@ def main() -> None:
     with upstream("vllm", ref, work, args.engine_python):
         port = free_port()
         db_url = f"sqlite+aiosqlite:///{work / 'gw' / 'state' / 'bastion.db'}"
-        config = write_config(work / "gw", port=port, database_url=db_url, engines=[ref])
+        config = write_config(
+            work / "gw", port=port, database_url=db_url, engines=[ref], audit={"mode": args.audit_mode}
+        )
         migrate.upgrade(db_url)
         gw = Gateway(config=config, port=port, database_url=db_url).start()
         try:
