@@ -10,6 +10,7 @@ every answer is reasoning only."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -55,6 +56,18 @@ def stream_events(gw: Gateway, key: str, **extra: Any) -> tuple[str, list[dict[s
         return r.headers["x-request-id"], [json.loads(line[6:]) for line in lines]
 
 
+def chat_finals(gw: Gateway, count: int) -> list[dict[str, Any]]:
+    """The chat calls' final records, once `count` have landed (a stream's is written
+    just after its last chunk, so it can trail the client by a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        finals = [r for r in gw.records() if r["phase"] == "final" and r["route"] == "/v1/chat/completions"]
+        if len(finals) >= count or time.monotonic() > deadline:
+            assert len(finals) == count, finals
+            return finals
+        time.sleep(0.05)
+
+
 def test_langchain_thinking_and_streaming_end_to_end(gw: Gateway) -> None:
     key = gw.create_key(team="thinkers")
     llm = ChatOpenAI(
@@ -68,8 +81,7 @@ def test_langchain_thinking_and_streaming_end_to_end(gw: Gateway) -> None:
     )
     chunks = list(llm.stream("Hello there"))
     assert chunks, "nothing streamed"
-    finals = [r for r in gw.records() if r["phase"] == "final" and r["route"] == "/v1/chat/completions"]
-    thinking = finals[-1]
+    thinking = chat_finals(gw, 1)[-1]
     assert thinking["outcome"] == "ok" and thinking["stream"] and thinking["completion_tokens"] == 4
     assert json.loads(thinking["detail"])["reasoning"] == {"enabled": True, "returned": True}
 
@@ -77,7 +89,7 @@ def test_langchain_thinking_and_streaming_end_to_end(gw: Gateway) -> None:
         model="tiny", base_url=gw.url + "/v1", api_key=key, max_tokens=4, max_retries=0, streaming=True
     )
     list(plain_llm.stream("Hello there"))
-    plain = [r for r in gw.records() if r["phase"] == "final" and r["route"] == "/v1/chat/completions"][-1]
+    plain = chat_finals(gw, 2)[-1]
     # `enable_thinking` reached the chat template: it added "<think>\n" (2 tokens) to the prompt.
     assert thinking["prompt_tokens"] == plain["prompt_tokens"] + 2
 
