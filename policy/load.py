@@ -18,10 +18,10 @@ import msgspec
 
 from policy.content import BUILTINS, Detector, PatternError, builtin
 from policy.errors import PolicyError
-from policy.rules import LineOf, Rules, key_rules, team_rules
+from policy.rules import Rules, key_rules, team_rules
 from policy.schema import Detector as DetectorSpec
 from policy.schema import Document, KeyRules, TeamRules
-from policy.source import Path, Source, dotted, read_yaml
+from policy.source import Path, Source, read_yaml
 
 T = TypeVar("T")
 # Policy files are small; a huge one is a mistake or an attack on the parser.
@@ -74,18 +74,17 @@ def parse_policy(raw: bytes, name: str) -> Policy:
         raise PolicyError(name, "the policy must be a mapping with `version` and `teams`", line=1)
     doc = _convert(src, src.data, Document, ())
     detectors = _detectors(src, doc.detectors)
-    line_of = LineOf({dotted(p): line for p, line in src.lines.items()})
     teams: dict[str, Rules] = {}
     keys: dict[tuple[str, str], Rules] = {}
     for team, team_data in doc.teams.items():
         spec = _convert(src, team_data, TeamRules, ("teams", team))
         _check_team(src, ("teams", team), spec, detectors)
-        teams[team] = team_rules(team, spec, detectors, line_of)
+        teams[team] = team_rules(team, spec, detectors, src.line_of)
         for key_id, key_data in spec.keys.items():
             where: Path = ("teams", team, "keys", key_id)
             override = _convert(src, key_data, KeyRules, where)
             _check_key(src, where, override, detectors, teams[team])
-            keys[(team, key_id)] = key_rules(teams[team], key_id, override, detectors, line_of)
+            keys[(team, key_id)] = key_rules(teams[team], key_id, override, detectors, src.line_of)
     return Policy(source=name, sha256=hashlib.sha256(raw).hexdigest(), teams=teams, keys=keys)
 
 

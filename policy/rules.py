@@ -13,7 +13,9 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import TypeVar
 
 import msgspec
 
@@ -21,6 +23,8 @@ from policy.content import Detector
 from policy.schema import Capture, InputKind, KeyRules, MediaLimits, OverCap, Rate, TeamRules
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# The line of a dotted field path (`teams.risk.max_tokens`): `Source.line_of`.
+LineOf = Callable[[str], int | None]
 _STRICTNESS = {"flag": 0, "redact": 1, "deny": 2}
 
 
@@ -91,9 +95,6 @@ class Media:
     max_pixels: Limit | None = None
 
 
-_MEDIA_LIMITS = ("max_count", "max_bytes", "max_seconds", "max_pixels")
-
-
 @dataclass(frozen=True, slots=True)
 class Rules:
     team: str
@@ -129,36 +130,18 @@ def _tighter(a: Limit | None, b: Limit | None) -> Limit | None:
     return b if b.value < a.value else a
 
 
-def _media(m: MediaLimits, path: str, line_of: LineOf) -> Media:
-    return Media(*(_limit(getattr(m, f), Rule(f"{path}.{f}", line_of(f"{path}.{f}"))) for f in _MEDIA_LIMITS))
+LimitSet = TypeVar("LimitSet", Media, Rates)
 
 
-def _rates(r: Rate, path: str, line_of: LineOf) -> Rates:
-    names = ("requests_per_minute", "tokens_per_minute", "concurrent")
-    return Rates(*(_limit(getattr(r, f), Rule(f"{path}.{f}", line_of(f"{path}.{f}"))) for f in names))
+def _limits(into: type[LimitSet], spec: MediaLimits | Rate, path: str, line_of: LineOf) -> LimitSet:
+    """A group of numbers from the policy (media or rate limits), each with where it is written."""
+    names = [f.name for f in fields(into)]
+    return into(*(_limit(getattr(spec, n), Rule(f"{path}.{n}", line_of(f"{path}.{n}"))) for n in names))
 
 
-def _narrow_media(a: Media, b: Media) -> Media:
-    return Media(*(_tighter(getattr(a, f), getattr(b, f)) for f in _MEDIA_LIMITS))
-
-
-def _narrow_rates(a: Rates, b: Rates) -> Rates:
-    names = ("requests_per_minute", "tokens_per_minute", "concurrent")
-    return Rates(*(_tighter(getattr(a, f), getattr(b, f)) for f in names))
-
-
-class LineOf:
-    """Looks up the line of a dotted field path (set up by the loader)."""
-
-    def __init__(self, lines: dict[str, int]):
-        self._lines = lines
-
-    def __call__(self, path: str) -> int | None:
-        while path:
-            if path in self._lines:
-                return self._lines[path]
-            path = path.rpartition(".")[0]
-        return None
+def _narrow(a: LimitSet, b: LimitSet) -> LimitSet:
+    """Each limit of the group, the tighter of two."""
+    return type(a)(*(_tighter(getattr(a, f.name), getattr(b, f.name)) for f in fields(a)))
 
 
 def _networks(cidrs: list[str]) -> tuple[Network, ...]:
@@ -197,12 +180,12 @@ def team_rules(team: str, spec: TeamRules, detectors: dict[str, Detector], line_
         over_max_tokens_rule=rule("over_max_tokens"),
         max_input_chars=_limit(spec.max_input_chars, rule("max_input_chars")),
         max_input_bytes=_limit(spec.max_input_bytes, rule("max_input_bytes")),
-        images=_media(spec.images, f"{base}.images", line_of),
-        audio=_media(spec.audio, f"{base}.audio", line_of),
+        images=_limits(Media, spec.images, f"{base}.images", line_of),
+        audio=_limits(Media, spec.audio, f"{base}.audio", line_of),
         clients=(ClientList(rule("clients"), _networks(spec.clients)),) if spec.clients else (),
         capture=spec.capture,
-        per_key=_rates(spec.limits.per_key, f"{base}.limits.per_key", line_of),
-        per_team=_rates(spec.limits.per_team, f"{base}.limits.per_team", line_of),
+        per_key=_limits(Rates, spec.limits.per_key, f"{base}.limits.per_key", line_of),
+        per_team=_limits(Rates, spec.limits.per_team, f"{base}.limits.per_team", line_of),
         content=_content(checks),
     )
 
@@ -232,15 +215,15 @@ def key_rules(team: Rules, key_id: str, spec: KeyRules, detectors: dict[str, Det
         max_input_bytes=_tighter(r.max_input_bytes, _limit(spec.max_input_bytes, rule("max_input_bytes"))),
     )
     if spec.images is not None:
-        r = replace(r, images=_narrow_media(r.images, _media(spec.images, f"{base}.images", line_of)))
+        r = replace(r, images=_narrow(r.images, _limits(Media, spec.images, f"{base}.images", line_of)))
     if spec.audio is not None:
-        r = replace(r, audio=_narrow_media(r.audio, _media(spec.audio, f"{base}.audio", line_of)))
+        r = replace(r, audio=_narrow(r.audio, _limits(Media, spec.audio, f"{base}.audio", line_of)))
     if spec.clients is not None:
         r = replace(r, clients=(*r.clients, ClientList(rule("clients"), _networks(spec.clients))))
     if spec.capture is not None:
         r = replace(r, capture=spec.capture)
     if spec.rate is not None:
-        r = replace(r, per_key=_narrow_rates(r.per_key, _rates(spec.rate, f"{base}.rate", line_of)))
+        r = replace(r, per_key=_narrow(r.per_key, _limits(Rates, spec.rate, f"{base}.rate", line_of)))
     if spec.content:
         checks = [
             ContentCheck(detectors[c.detector], c.action, rule(f"content[{i}]")) for i, c in enumerate(spec.content)

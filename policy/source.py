@@ -12,6 +12,7 @@ silently shared between two teams), and no key given twice in one mapping
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,24 +32,29 @@ def dotted(path: Path) -> str:
     return out
 
 
+# The last step of a dotted path: `.name` or `[3]`.
+_LAST_STEP = re.compile(r"(?:\.[^.\[]*|\[\d+\])$|^[^.\[]*$")
+
+
 @dataclass(frozen=True)
 class Source:
-    """A policy file's data, and the line (1-based) where each path starts."""
+    """A policy file's data, and the line (1-based) where each path starts, by dotted path."""
 
     name: str
     data: Any
-    lines: dict[Path, int] = field(default_factory=dict)
+    lines: dict[str, int] = field(default_factory=dict)
 
-    def line_of(self, path: Path) -> int | None:
-        """The line of `path`, or of its nearest ancestor that has one."""
+    def line_of(self, path: str) -> int | None:
+        """The line of `path` (`teams.risk.content[0]`), or of its nearest ancestor that has one."""
         while path:
             if path in self.lines:
                 return self.lines[path]
-            path = path[:-1]
-        return self.lines.get(())
+            path = _LAST_STEP.sub("", path, count=1)
+        return self.lines.get("")
 
     def error(self, path: Path, message: str) -> PolicyError:
-        return PolicyError(self.name, message, line=self.line_of(path), field=dotted(path) or None)
+        where = dotted(path)
+        return PolicyError(self.name, message, line=self.line_of(where), field=where or None)
 
 
 def read_yaml(text: str, name: str) -> Source:
@@ -69,13 +75,13 @@ def read_yaml(text: str, name: str) -> Source:
         loader.dispose()
     if node is None:
         raise PolicyError(name, "the policy file is empty")
-    lines: dict[Path, int] = {}
+    lines: dict[str, int] = {}
     data = _plain(loader, node, (), lines, name)
     return Source(name, data, lines)
 
 
-def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Path, int], name: str) -> Any:
-    lines[path] = node.start_mark.line + 1
+def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[str, int], name: str) -> Any:
+    lines[dotted(path)] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[Hashable, Any] = {}
         for key_node, value_node in node.value:
@@ -88,7 +94,7 @@ def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Pat
                     name, f"{key!r} is given twice", line=key_node.start_mark.line + 1, field=dotted((*path, key))
                 )
             out[key] = _plain(loader, value_node, (*path, key), lines, name)
-            lines[(*path, key)] = key_node.start_mark.line + 1
+            lines[dotted((*path, key))] = key_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_plain(loader, item, (*path, i), lines, name) for i, item in enumerate(node.value)]
