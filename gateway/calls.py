@@ -73,6 +73,9 @@ class Call:
     manifest_sha256: str | None = None
     stream: bool = False
     request_sha256: str | None = None
+    # The policy in force for this call, read once when the caller is known, so a
+    # reload never gives one call the capture mode of one policy and the decision of another.
+    policy: Policy | None = None
     # Payload capture mode (none | hash | encrypted), set from the caller's policy.
     capture: str | None = None
     # The record's `detail`: what policy decided ("policy"), a token or
@@ -179,7 +182,8 @@ async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Cal
     identity = principal.audit()
     if identity:
         call.detail["auth"] = identity
-    call.capture = svc.policy.capture_for(principal.team, principal.key_id) or svc.settings.audit.capture
+    call.policy = svc.policy
+    call.capture = call.policy.capture_for(principal.team, principal.key_id) or svc.settings.audit.capture
     if principal.role not in roles:
         raise Forbidden(f"The role '{principal.role}' may not use {call.route}.", audit_reason="role_not_allowed")
     return principal
@@ -217,7 +221,7 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
         summary = summarize(kind, body)
         call.model, call.stream = summary.model, summary.stream
         media = await inspect_media(svc, call, summary)
-        decision = enforce(svc.policy, call, principal, summary.prompt(media))
+        decision = enforce(call, principal, summary.prompt(media))
         call.strip_reasoning = not (summary.return_reasoning and decision.reasoning)
         if summary.reasoning or summary.return_reasoning:
             call.detail["reasoning"] = {"enabled": summary.reasoning, "returned": not call.strip_reasoning}
@@ -275,8 +279,10 @@ async def inspect_media(svc: Services, call: Call, summary: RequestSummary) -> t
     return media
 
 
-def enforce(policy: Policy, call: Call, principal: Principal, prompt: Prompt) -> Decision:
-    """Ask policy; record its answer on the call; raise the refusal it implies."""
+def enforce(call: Call, principal: Principal, prompt: Prompt) -> Decision:
+    """Ask the call's policy; record its answer on the call; raise the refusal it implies."""
+    policy = call.policy
+    assert policy is not None, "authenticate() sets the call's policy"
     caller = Caller(key_id=principal.key_id, team=principal.team, client_addr=call.client_addr)
     decision = decide(policy, caller, prompt)
     call.detail["policy"] = {"sha256": policy.sha256, **decision.audit()}
@@ -323,15 +329,14 @@ async def admit(svc: Services, call: Call, decision: Decision) -> Lease | None:
             param="max_tokens",
             audit_reason="rate_limited",
         )
-    err = RateLimited(
+    raise RateLimited(
         f"Rate limit reached for this {scope}: {b.limit} {_LIMIT_NAMES[b.kind]}. "
         f"Try again in {admission.retry_after:.1f} s.",
+        limit="tokens" if b.kind == "tokens" else "requests",
         retry_after=admission.retry_after,
         limit_headers=headers,
         audit_reason="rate_limited",
     )
-    err.type = "tokens" if b.kind == "tokens" else "requests"
-    raise err
 
 
 async def settle(svc: Services, lease: Lease, tokens_used: int | None) -> None:
@@ -438,12 +443,13 @@ async def _relay(
 async def list_models(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
     call = Call.begin(request)
     try:
-        await authenticate(svc, request, call, INFERENCE_ROLES)
+        principal = await authenticate(svc, request, call, INFERENCE_ROLES)
     except GatewayError as err:
         return await refuse(svc, call, err)
     created = int(svc.started_at.timestamp())
     # Only the models this caller's policy allows (none without a policy).
-    rules = svc.policy.rules_for(call.principal.team, call.principal.key_id) if call.principal else None
+    assert call.policy is not None, "authenticate() sets the call's policy"
+    rules = call.policy.rules_for(principal.team, principal.key_id)
     allowed = [n for n in svc.upstreams if rules and all(m.allows(n) for m in rules.models)]
     data = [{"id": name, "object": "model", "created": created, "owned_by": "bastion"} for name in allowed]
     return await answer(svc, call, msgspec.json.encode({"object": "list", "data": data}))

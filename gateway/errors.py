@@ -153,11 +153,20 @@ class ContentDenied(BadRequest):
 
 class RateLimited(GatewayError):
     status = 429
-    type = "requests"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float, limit_headers: dict[str, str], **kwargs: str | None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: str,
+        retry_after: float,
+        limit_headers: dict[str, str],
+        **kwargs: str | None,
+    ):
         super().__init__(message, **kwargs)
+        # OpenAI's error type names the limit reached: "requests" or "tokens".
+        self.type = limit
         self.retry_after = retry_after
         self.limit_headers = limit_headers
 

@@ -13,7 +13,6 @@ public key: symmetric keys in a JWKS are ignored).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -182,8 +181,3 @@ class OidcVerifier:
         if not isinstance(subject, str) or not subject:
             raise _bad(f"The token has no '{config.subject_claim}' claim.", "missing_subject")
         return VerifiedToken(config.issuer, subject, claims, config)
-
-
-def stable_id(prefix: str, *parts: str) -> str:
-    """A short id for a caller without an API key (rate limits and policy key overrides use it)."""
-    return f"{prefix}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,17 @@ from gateway.db import create_engine
 from gateway.tables import audit_records
 
 BASTION = str(Path(sys.executable).with_name("bastion"))
+
+
+def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
+    """A silent mono 16-bit WAV clip of `seconds`."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\0\0" * int(rate * seconds))
+    return out.getvalue()
 
 
 def free_port() -> int:

@@ -8,7 +8,6 @@ import base64
 import hashlib
 import io
 import json
-import wave
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from PIL import Image
 from gateway.errors import BadRequest
 from gateway.media import MediaLimits, check_audio, check_image
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef, Gateway, SocketDouble
+from tests.support import EngineRef, Gateway, SocketDouble, wav_bytes
 
 LIMITS = MediaLimits(max_image_pixels=40_000_000, max_audio_seconds=600)
 
@@ -30,16 +29,6 @@ def image_bytes(fmt: str, size: tuple[int, int] = (8, 8), mode: str = "RGB") -> 
 
 def data_url(mime: str, data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"\0\0" * int(rate * seconds))
-    return out.getvalue()
 
 
 # One MPEG-1 Layer III frame header (128 kb/s, 44.1 kHz) and a silent 417-byte frame, 40 times: 1.04 s.

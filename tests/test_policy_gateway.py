@@ -10,10 +10,8 @@ import json
 import os
 import secrets
 import signal
-import struct
 import threading
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef, Gateway, SocketDouble, free_port
+from tests.support import EngineRef, Gateway, SocketDouble, free_port, wav_bytes
 
 pytestmark = pytest.mark.engine
 
@@ -59,16 +57,6 @@ teams:
     models: [tiny]
     clients: [10.0.0.0/8]
 """
-
-
-def wav_b64(seconds: float, rate: int = 8000) -> str:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(struct.pack("<h", 0) * int(rate * seconds))
-    return base64.b64encode(out.getvalue()).decode()
 
 
 def image_part(size: int) -> dict[str, Any]:
@@ -182,7 +170,10 @@ def test_every_rule_allows_and_denies_through_the_gateway(rules_gw: tuple[Gatewa
 
     # Audio length, read from the WAV header's byte rate.
     def audio(seconds: float, rate: int = 8000) -> dict[str, Any]:
-        return {"type": "input_audio", "input_audio": {"data": wav_b64(seconds, rate), "format": "wav"}}
+        return {
+            "type": "input_audio",
+            "input_audio": {"data": base64.b64encode(wav_bytes(seconds, rate)).decode(), "format": "wav"},
+        }
 
     denied("media", chat_body([audio(1.5)]), 400, "policy_limit_exceeded", "teams.media.audio.max_seconds")
     # 0.9 s at 24 kHz is 43 kB: short enough, too many bytes.
