@@ -121,9 +121,13 @@ def check_image(url: str, limits: MediaLimits, param: str) -> MediaPart:
     )
 
 
+# The registered media types (RFC 2361 and RFC 3003), as the audit records them.
+_AUDIO_MIME = {"wav": "audio/wav", "mp3": "audio/mpeg"}
+
+
 def check_audio(data_b64: str, fmt: str, limits: MediaLimits, param: str) -> MediaPart:
     fmt = fmt.lower()
-    if fmt not in ("wav", "mp3"):
+    if fmt not in _AUDIO_MIME:
         raise _refuse(f"Audio format {fmt!r} is not accepted; send wav or mp3.", "media_bad_type", param)
     data = _b64(data_b64, param)
     looks_wav = data[:4] == b"RIFF" and data[8:12] == b"WAVE"
@@ -144,7 +148,7 @@ def check_audio(data_b64: str, fmt: str, limits: MediaLimits, param: str) -> Med
             param,
         )
     return MediaPart(
-        "audio", size=len(data), mime=f"audio/{fmt}", sha256=hashlib.sha256(data).hexdigest(), seconds=seconds
+        "audio", size=len(data), mime=_AUDIO_MIME[fmt], sha256=hashlib.sha256(data).hexdigest(), seconds=seconds
     )
 
 

@@ -1,5 +1,6 @@
-"""Session-wide real parts: one vLLM CPU engine serving a tiny model built on
-the spot, and a fresh PostgreSQL database on 127.0.0.1:5432."""
+"""Session-wide real parts: a vLLM CPU engine serving a tiny model built on
+the spot (and, for the audio tests only, a second one serving a tiny audio
+model), and a fresh PostgreSQL database on 127.0.0.1:5432."""
 
 from __future__ import annotations
 
@@ -50,33 +51,19 @@ def tiny_manifest(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return path, (key_id, str(folder / "publisher.key.pub"))
 
 
-@pytest.fixture(scope="session")
-def vllm_engine(
-    engine_python: str,
-    tiny_model: Path,
-    tiny_manifest: tuple[Path, tuple[str, str]],
-    tmp_path_factory: pytest.TempPathFactory,
+def _serve(
+    ref: EngineRef, python: str, model: Path, spec: EngineSpec, logs: pytest.TempPathFactory
 ) -> Iterator[EngineRef]:
-    """The one real vLLM engine of the test session, started by Bastion's own local runner."""
-    ref = EngineRef(
-        name="tiny",
-        url=f"http://127.0.0.1:{free_port()}",
-        key=secrets.token_urlsafe(24),
-        model_dir=str(tiny_model),
-        manifest=str(tiny_manifest[0]),
-        publisher=tiny_manifest[1],
-    )
+    """Run one real vLLM engine through Bastion's own local runner for the session."""
     engine = LocalEngine(
         LocalEngineConfig(
             name=ref.name,
-            python=engine_python,
-            model_dir=tiny_model,
+            python=python,
+            model_dir=model,
             url=ref.url,
             api_key=ref.key,
-            # The reasoning parser splits <think>...</think> into `reasoning`; the random
-            # model never closes its thinking, so every chat answer is reasoning only.
-            spec=EngineSpec(max_model_len=512, dtype="bfloat16", reasoning_parser="deepseek_r1"),
-            log_file=tmp_path_factory.mktemp("engine-logs") / "engine.log",
+            spec=spec,
+            log_file=logs.mktemp("engine-logs") / f"engine-{ref.name}.log",
         )
     )
     engine.start()
@@ -85,6 +72,40 @@ def vllm_engine(
         yield ref
     finally:
         engine.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(
+    engine_python: str,
+    tiny_model: Path,
+    tiny_manifest: tuple[Path, tuple[str, str]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[EngineRef]:
+    """The session's text engine: the tiny chat model with vLLM's reasoning parser."""
+    ref = EngineRef(
+        name="tiny",
+        url=f"http://127.0.0.1:{free_port()}",
+        key=secrets.token_urlsafe(24),
+        model_dir=str(tiny_model),
+        manifest=str(tiny_manifest[0]),
+        publisher=tiny_manifest[1],
+    )
+    # The reasoning parser splits <think>...</think> into `reasoning`; the random
+    # model never closes its thinking, so every chat answer is reasoning only.
+    spec = EngineSpec(max_model_len=512, dtype="bfloat16", reasoning_parser="deepseek_r1")
+    yield from _serve(ref, engine_python, tiny_model, spec, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def audio_engine(engine_python: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineRef]:
+    """The session's audio engine: a tiny random Qwen2-Audio (engine/build_tiny_audio.py)."""
+    model = tmp_path_factory.mktemp("models") / "tiny-audio"
+    build = [engine_python, str(ROOT / "engine" / "build_tiny_audio.py"), str(model)]
+    subprocess.run(build, check=True, capture_output=True)
+    ref = EngineRef(name="tiny-audio", url=f"http://127.0.0.1:{free_port()}", key=secrets.token_urlsafe(24),
+                    model_dir=str(model))  # fmt: skip
+    spec = EngineSpec(max_model_len=2048, dtype="bfloat16", limit_mm_per_prompt={"audio": 1})
+    yield from _serve(ref, engine_python, model, spec, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -42,6 +43,12 @@ def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
         w.setframerate(rate)
         w.writeframes(b"\0\0" * int(rate * seconds))
     return out.getvalue()
+
+
+def engine_metric(engine: EngineRef, name: str) -> float:
+    """A counter from the engine's own Prometheus /metrics, summed over its labels."""
+    text = httpx.get(engine.url + "/metrics", headers={"authorization": f"Bearer {engine.key}"}, timeout=10).text
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M))
 
 
 def free_port() -> int:

@@ -10,13 +10,14 @@ import io
 import json
 from typing import Any
 
+import openai
 import pytest
 from PIL import Image
 
 from gateway.errors import BadRequest
 from gateway.media import MediaLimits, check_audio, check_image
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef, Gateway, SocketDouble, wav_bytes
+from tests.support import EngineRef, Gateway, SocketDouble, engine_metric, wav_bytes
 
 LIMITS = MediaLimits(max_image_pixels=40_000_000, max_audio_seconds=600)
 
@@ -33,6 +34,9 @@ def data_url(mime: str, data: bytes) -> str:
 
 # One MPEG-1 Layer III frame header (128 kb/s, 44.1 kHz) and a silent 417-byte frame, 40 times: 1.04 s.
 MP3 = (b"\xff\xfb\x90\x64" + b"\x00" * 413) * 40
+# The same at 16 kHz (MPEG-2 Layer III, 64 kb/s, mono; 288-byte frames of 36 ms), 28 times: 1.008 s.
+# The audio engine wants 16 kHz: vLLM resamples anything else with torchaudio, which has no CPU build.
+MP3_16K = (b"\xff\xf3\x88\xc0" + b"\x00" * 284) * 28
 
 
 @pytest.mark.parametrize(
@@ -168,3 +172,66 @@ def test_accepted_media_is_hashed_into_the_audit_record(make_gateway: GatewayFac
             "sha256": hashlib.sha256(wav).hexdigest(),
         },
     ]
+
+
+# ------------------------------------------------------- audio on a real engine
+
+
+def audio_part(data: bytes, fmt: str = "wav") -> dict[str, Any]:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+
+
+def ask(client: openai.OpenAI, parts: list[dict[str, Any]], **extra: Any) -> Any:
+    return client.chat.completions.with_raw_response.create(
+        model="tiny-audio",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "What is said?"}, *parts]}],
+        max_tokens=4,
+        **extra,
+    )
+
+
+@pytest.mark.engine
+def test_audio_end_to_end_on_a_real_audio_engine(make_gateway: GatewayFactory, audio_engine: EngineRef) -> None:
+    """input_audio (WAV and MP3) through the gateway to a tiny Qwen2-Audio on vLLM CPU, with the openai SDK."""
+    gw = make_gateway(engines=[audio_engine])
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.create_key())
+    text_only = ask(client, []).parse().usage.prompt_tokens
+    tokens = {}
+    for seconds in (1, 3):
+        wav = wav_bytes(seconds)
+        raw = ask(client, [audio_part(wav)])
+        usage = raw.parse().usage
+        record = gw.final(raw.headers["x-request-id"])
+        assert (record["prompt_tokens"], record["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+        media = json.loads(record["detail"])["media"]
+        assert media == [{"kind": "audio", "mime": "audio/wav", "size": len(wav), "seconds": float(seconds),
+                          "sha256": hashlib.sha256(wav).hexdigest()}]  # fmt: skip
+        tokens[seconds] = usage.prompt_tokens
+    # The clip reached the audio encoder: one prompt token per 40 ms frame (25 a second).
+    assert tokens[3] - tokens[1] == 50 and tokens[1] > text_only, (text_only, tokens)
+
+    raw = ask(client, [audio_part(MP3_16K, "mp3")])
+    assert raw.parse().usage.prompt_tokens > text_only
+    assert json.loads(gw.final(raw.headers["x-request-id"])["detail"])["media"][0]["mime"] == "audio/mpeg"
+
+    raw = ask(client, [audio_part(wav_bytes(1))], stream=True, stream_options={"include_usage": True})
+    chunks = list(raw.parse())
+    record = gw.final(raw.headers["x-request-id"])
+    assert chunks[-1].usage is not None and record["prompt_tokens"] == chunks[-1].usage.prompt_tokens == tokens[1]
+
+
+@pytest.mark.engine
+def test_every_bad_audio_case_is_refused_before_the_audio_engine(
+    make_gateway: GatewayFactory, audio_engine: EngineRef
+) -> None:
+    gw = make_gateway(engines=[audio_engine], extra_toml="[media]\nmax_audio_seconds = 2\n")
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.create_key(), max_retries=0)
+    before = engine_metric(audio_engine, "vllm:prompt_tokens_total")
+    for reason, (data, fmt) in sorted(BAD_AUDIO.items()):
+        part = {"type": "input_audio", "input_audio": {"data": data, "format": fmt}}
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(client, [part])
+        assert caught.value.code == "invalid_media" and caught.value.param == "messages[0].content[1]", reason
+        record = gw.final(caught.value.response.headers["x-request-id"])
+        assert (record["http_status"], record["error_type"]) == (400, reason)
+    assert engine_metric(audio_engine, "vllm:prompt_tokens_total") == before, "a bad clip reached the engine"

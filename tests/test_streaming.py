@@ -7,18 +7,12 @@ import re
 import socket
 import time
 
-import httpx
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef
+from tests.support import EngineRef, engine_metric
 
 pytestmark = pytest.mark.engine
-
-
-def engine_metric(engine: EngineRef, name: str) -> float:
-    text = httpx.get(engine.url + "/metrics", headers={"authorization": f"Bearer {engine.key}"}, timeout=10).text
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M))
 
 
 def test_a_client_that_disconnects_mid_stream_aborts_the_engine_request(
