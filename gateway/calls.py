@@ -47,7 +47,7 @@ from gateway.media import MediaLimits, check_parts
 from gateway.policies import rate_headers
 from gateway.reasoning import event_without_reasoning, without_reasoning
 from gateway.services import Services
-from gateway.summary import Kind, RequestSummary, body_for_engine, summarize
+from gateway.summary import URL, ImagePart, Kind, RequestSummary, body_for_engine, summarize
 from policy import Caller, Decision, Denial, Lease, LimiterUnavailable, MediaPart, Policy, Prompt, decide
 
 log = structlog.get_logger("bastion.call")
@@ -220,7 +220,7 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
         call.request_sha256 = call.digest(body)
         summary = summarize(kind, body)
         call.model, call.stream = summary.model, summary.stream
-        media = await inspect_media(svc, call, summary)
+        media, fetched = await inspect_media(svc, call, principal, summary)
         decision = enforce(call, principal, summary.prompt(media))
         call.strip_reasoning = not (summary.return_reasoning and decision.reasoning)
         if summary.reasoning or summary.return_reasoning:
@@ -241,7 +241,9 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
         if svc.settings.audit.mode == "strict":
             # Nothing reaches the engine before this record is durable.
             await svc.audit.write(call.record("intent"))
-        payload = body_for_engine(body, summary, max_tokens=decision.max_tokens, texts=decision.texts)
+        payload = body_for_engine(
+            body, summary, max_tokens=decision.max_tokens, texts=decision.texts, image_urls=fetched
+        )
         if summary.stream:
             stream = await svc.forwarder.open_stream(upstream, path, payload)
             if stream.status == 200:
@@ -267,16 +269,49 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
             svc.spawn(settle(svc, lease, call.tokens_used))
 
 
-async def inspect_media(svc: Services, call: Call, summary: RequestSummary) -> tuple[MediaPart, ...]:
+async def inspect_media(
+    svc: Services, call: Call, principal: Principal, summary: RequestSummary
+) -> tuple[tuple[MediaPart, ...], dict[str, str]]:
     """Decode and check every media part (in a thread: images can take milliseconds);
-    their types, sizes and SHA-256 go into the audit record."""
+    their types, sizes and SHA-256 go into the audit record.
+
+    Image URLs on the operator's allow-list are fetched first and checked as
+    the `data:` URLs they become; those are returned by JSON path, to be
+    forwarded in place of the URLs. Before anything is fetched, policy sees
+    the request with the sizes left open: a caller who may not send these
+    images at all makes the gateway fetch nothing.
+    """
     if not summary.media:
-        return ()
+        return (), {}
+    parts = list(summary.media)
+    fetcher = svc.images
+    remote = {
+        param: part.image_url.url
+        for param, part in parts
+        if fetcher is not None and isinstance(part, ImagePart) and fetcher.allows(part.image_url.url)
+    }
+    fetched: dict[str, str] = {}
+    if remote:
+        assert fetcher is not None
+        unsized = tuple(MediaPart("image" if isinstance(p, ImagePart) else "audio", 0, 0, 0) for _, p in parts)
+        enforce(call, principal, summary.prompt(unsized))
+        urls = await asyncio.gather(*(fetcher.as_data_url(url, param) for param, url in remote.items()))
+        fetched = dict(zip(remote, urls, strict=True))
+        parts = [(param, ImagePart(URL(fetched[param])) if param in fetched else part) for param, part in parts]
     m = svc.settings.media
     limits = MediaLimits(max_image_pixels=m.max_image_pixels, max_audio_seconds=m.max_audio_seconds)
-    media = await asyncio.to_thread(check_parts, list(summary.media), limits)
-    call.detail["media"] = [{k: v for k, v in msgspec.structs.asdict(part).items() if v is not None} for part in media]
-    return media
+    media = await asyncio.to_thread(check_parts, parts, limits)
+    call.detail["media"] = [
+        {k: v for k, v in msgspec.structs.asdict(part).items() if v is not None}
+        | ({"fetched_from": _without_query(remote[param])} if param in remote else {})
+        for (param, _), part in zip(parts, media, strict=True)
+    ]
+    return media, fetched
+
+
+def _without_query(url: str) -> str:
+    """A fetched URL as the audit keeps it: no query or fragment (they may hold signed tokens)."""
+    return url.split("#", 1)[0].split("?", 1)[0]
 
 
 def enforce(call: Call, principal: Principal, prompt: Prompt) -> Decision:

@@ -23,6 +23,7 @@ from gateway.db import create_engine
 from gateway.forward import Forwarder, Upstream
 from gateway.hotpath import HotPath, hot_path_for
 from gateway.identity import Authenticator
+from gateway.image_fetch import ImageFetcher
 from gateway.integrity import Integrity
 from gateway.keys import KeyStore, load_or_create_pepper
 from gateway.policies import PolicyWatch, limiter_for, load_or_refuse
@@ -50,6 +51,8 @@ class Services:
     limiter: RateLimiter
     # Encrypts captured payloads; None when no team's capture mode is "encrypted".
     sealer: Sealer | None = None
+    # Fetches allow-listed remote images; None when [media.fetch] allows no host.
+    images: ImageFetcher | None = None
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -87,6 +90,7 @@ class Services:
             policy=policy,
             limiter=limiter_for(settings),
             sealer=sealer,
+            images=image_fetcher(settings),
         )
         await svc._record_policy("policy.loaded", "boot", None)
         # Models stay unroutable (pending) until this finishes; the gateway answers meanwhile.
@@ -171,9 +175,18 @@ class Services:
         await self.audit.close()
         await self.hot.close()
         await self.forwarder.close()
+        if self.images is not None:
+            await self.images.close()
         await self.limiter.close()
         await self.auth.close()
         await self.db.dispose()
+
+
+def image_fetcher(settings: Settings) -> ImageFetcher | None:
+    fetch = settings.media.fetch
+    if not fetch.allow_hosts:
+        return None
+    return ImageFetcher(fetch, str(settings.path(fetch.ca_file)) if fetch.ca_file else None)
 
 
 def load_signer(settings: Settings) -> Signer:

@@ -13,6 +13,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -158,10 +159,35 @@ class AuthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     jwks_min_refresh_seconds: float = 30.0
 
 
+class FetchSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Remote images the gateway itself may fetch (gateway/image_fetch.py); none by default."""
+
+    # "host" or "host:port", matched exactly. Empty: every remote URL is refused.
+    allow_hosts: list[str] = msgspec.field(default_factory=list)
+    # Plain http:// as well as https:// (for hosts on a trusted internal network).
+    allow_http: bool = False
+    max_bytes: int = 10_000_000
+    # The whole fetch, connect to last byte.
+    timeout_seconds: float = 10.0
+    # CA bundle for https (default: the system's).
+    ca_file: str = ""
+
+    def hosts(self) -> set[tuple[str, int | None]]:
+        """The allow-list as (host, port); port None means the scheme's default port."""
+        out = set()
+        for entry in self.allow_hosts:
+            parts = urlsplit("//" + entry.strip())
+            if not parts.hostname or parts.path or parts.username or parts.query:
+                raise ValueError(f"{entry!r} is not a host or host:port")
+            out.add((parts.hostname.lower(), parts.port))
+        return out
+
+
 class MediaSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Ceilings for every caller; a team's policy can only set tighter ones.
     max_image_pixels: int = 40_000_000
     max_audio_seconds: float = 600.0
+    fetch: FetchSettings = msgspec.field(default_factory=FetchSettings)
 
 
 class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -323,6 +349,13 @@ def _check(settings: Settings, path: Path) -> None:
             " must be positive"
         )
     _check_auth(settings.auth, path)
+    f = settings.media.fetch
+    try:
+        f.hosts()
+    except ValueError as exc:
+        raise ConfigError(f"{path}: media.fetch.allow_hosts: {exc}") from None
+    if f.max_bytes < 1 or f.timeout_seconds <= 0:
+        raise ConfigError(f"{path}: media.fetch.max_bytes and timeout_seconds must be positive")
     if settings.auth.mtls.client_ca and not settings.auth.mtls.proxy_header and not settings.gateway.tls_cert:
         raise ConfigError(f"{path}: auth.mtls.client_ca needs gateway.tls_cert and tls_key (or a proxy_header)")
     for d in settings.deployments:

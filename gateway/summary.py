@@ -188,8 +188,17 @@ def _chat_inputs(messages: list[Message]) -> tuple[tuple[str, ...], tuple[tuple[
     return tuple(texts), tuple(media)
 
 
+# The JSON path summarize() gives a content part: messages[i].content[j].
+_PART_PATH = re.compile(r"messages\[(\d+)\]\.content\[(\d+)\]")
+
+
 def body_for_engine(
-    body: bytes, summary: RequestSummary, *, max_tokens: int | None = None, texts: tuple[str, ...] | None = None
+    body: bytes,
+    summary: RequestSummary,
+    *,
+    max_tokens: int | None = None,
+    texts: tuple[str, ...] | None = None,
+    image_urls: dict[str, str] | None = None,
 ) -> bytes:
     """The bytes sent to the engine: the client's own, except where policy or
     the audit trail needs a change.
@@ -199,12 +208,14 @@ def body_for_engine(
       opening brace and nothing else is touched.
     - `max_tokens` (policy's cap) and `texts` (policy's redactions, in the
       order of `summary.texts`) re-encode the body.
+    - `image_urls` (images the gateway fetched, by JSON path such as
+      `messages[0].content[1]`) replace those parts' URLs with `data:` URLs.
     - Top-level `enable_thinking` (how LangChain's `extra_body` sends it) is
       moved to `chat_template_kwargs`, the channel vLLM passes to the chat
       template; `return_reasoning` is the gateway's and is dropped.
     """
     wants_usage = summary.stream and not summary.client_wants_usage
-    if max_tokens is None and texts is None and not summary.thinking_fields:
+    if max_tokens is None and texts is None and not image_urls and not summary.thinking_fields:
         if not wants_usage:
             return body
         if not summary.has_stream_options:
@@ -219,6 +230,9 @@ def body_for_engine(
             data["max_completion_tokens"] = max_tokens
     if texts is not None:
         _put_texts(data, summary.kind, iter(texts))
+    for param, url in (image_urls or {}).items():
+        message, part = map(int, _PART_PATH.fullmatch(param).groups())  # type: ignore[union-attr]
+        data["messages"][message]["content"][part]["image_url"]["url"] = url
     data.pop("return_reasoning", None)
     thinking = data.pop("enable_thinking", None)
     if thinking is not None:
