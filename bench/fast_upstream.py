@@ -47,10 +47,10 @@ def make_app(chunks: int, delay: float) -> web.Application:
         for i in range(chunks):
             event = {"id": "c", "object": "chat.completion.chunk", "model": model,
                      "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}  # fmt: skip
-            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            await response.write(b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):
             final = {"id": "c", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": USAGE}
-            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+            await response.write(b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         return response
 

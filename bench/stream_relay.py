@@ -6,15 +6,18 @@ it (`bastion serve`, SQLite, strict audit: the intent record is durable before
 the engine sees the call), then streams the same chat request (`ignore_eos`,
 so every stream is `--tokens` chunks long) directly and through the gateway,
 alternating rounds so machine noise hits both alike. Time to first token is
-measured to the first content or reasoning chunk.
+measured to the first chunk with generated text (content or reasoning; vLLM's
+opening chunk carries only the role).
 
     .venv/bin/python bench/stream_relay.py [--streams 200] [--tokens 128] [--concurrency 1 8] [--audit-mode relaxed]
+        [--upstream fast | --engine-url URL --engine-key-file FILE --model NAME]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
 import statistics
@@ -48,10 +51,10 @@ class Side:
         self.seconds += other.seconds
 
 
-async def streams(url: str, key: str, count: int, concurrency: int, tokens: int) -> Side:
+async def streams(url: str, key: str, count: int, concurrency: int, tokens: int, model: str = "tiny") -> Side:
     side = Side()
     body = {
-        "model": "tiny",
+        "model": model,
         "messages": [{"role": "user", "content": "Count to a hundred."}],
         "max_tokens": tokens,
         "ignore_eos": True,
@@ -69,7 +72,7 @@ async def streams(url: str, key: str, count: int, concurrency: int, tokens: int)
                 if r.status_code != 200:
                     raise RuntimeError(f"{url}: {r.status_code} {(await r.aread())[:200]!r}")
                 async for line in r.aiter_lines():
-                    if line.startswith("data: {") and ('"content":"' in line or '"reasoning":"' in line):
+                    if line.startswith("data: {") and has_token(line):
                         side.chunks += 1
                         if first is None:
                             first = time.perf_counter() - t0
@@ -88,6 +91,13 @@ async def streams(url: str, key: str, count: int, concurrency: int, tokens: int)
     return side
 
 
+def has_token(line: str) -> bool:
+    """Whether an SSE data line carries generated text (not the opening role chunk, not usage)."""
+    choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
+    delta = choices[0].get("delta") or {}
+    return bool(delta.get("content") or delta.get("reasoning") or delta.get("reasoning_content"))
+
+
 def pct(values: list[float], q: float) -> float:
     data = sorted(values)
     return data[min(len(data) - 1, int(q * len(data)))] * 1000
@@ -101,11 +111,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--engine-python", default=str(ROOT / ".venv-engine" / "bin" / "python"))
     parser.add_argument("--audit-mode", choices=["strict", "relaxed"], default="strict")
+    parser.add_argument("--engine-url", help="use this running engine instead of starting one")
+    parser.add_argument("--engine-key-file", help="its API key (with --engine-url)")
+    parser.add_argument("--model", default="tiny", help="its served model name (with --engine-url)")
+    parser.add_argument("--upstream", choices=["vllm", "fast"], default="vllm",
+                        help="fast: bench/fast_upstream.py (16 chunks a stream, no model work)")  # fmt: skip
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-relay-"))
-    ref = EngineRef("tiny", f"http://127.0.0.1:{free_port()}", secrets.token_urlsafe(24))
-    with upstream("vllm", ref, work, args.engine_python):
+    if args.engine_url:  # an engine already running (e.g. on the GPU machine, from bench/gpu/run.sh)
+        ref = EngineRef(args.model, args.engine_url, Path(args.engine_key_file).read_text().strip())
+        running: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    else:
+        ref = EngineRef("tiny", f"http://127.0.0.1:{free_port()}", secrets.token_urlsafe(24))
+        running = upstream(args.upstream, ref, work, args.engine_python)
+    with running:
         port = free_port()
         db_url = f"sqlite+aiosqlite:///{work / 'gw' / 'state' / 'bastion.db'}"
         config = write_config(
@@ -124,8 +144,8 @@ def main() -> None:
                 direct, through = Side(), Side()
                 per_round = max(1, args.streams // args.rounds)
                 for _ in range(args.rounds):
-                    direct.add(asyncio.run(streams(ref.url, ref.key, per_round, conc, args.tokens)))
-                    through.add(asyncio.run(streams(gw.url, key, per_round, conc, args.tokens)))
+                    direct.add(asyncio.run(streams(ref.url, ref.key, per_round, conc, args.tokens, ref.name)))
+                    through.add(asyncio.run(streams(gw.url, key, per_round, conc, args.tokens, ref.name)))
                 d50, g50 = pct(direct.ttft, 0.5), pct(through.ttft, 0.5)
                 dcs, gcs = direct.chunks / direct.seconds, through.chunks / through.seconds
                 print(f"{conc:>5} {d50:>14.2f}ms {g50:>10.2f}ms {g50 - d50:>6.2f}ms {pct(direct.ttft, .99):>14.2f}ms "

@@ -7,6 +7,7 @@
 #   bench/gpu/run.sh start llama [TP]         build the 1.3 B model, sign, `bastion up` (tensor parallel TP)
 #   bench/gpu/run.sh start vision             the tiny LLaVA behind a second gateway
 #   bench/gpu/run.sh validate                 bench/gpu/validate.py; results in $OUT
+#   bench/gpu/run.sh relay [ARGS]             bench/stream_relay.py against the llama engine
 #   bench/gpu/run.sh probe                    fsync latency of the disk the audit database is on
 #   bench/gpu/run.sh stop
 #
@@ -42,6 +43,10 @@ install() {
     cat "$WORK"/parts/part-* | tar -C "$WORK"/wheels -xf -
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WORK"/wheels/*.whl
     "$PY" -c "import vllm, litestar, sqlalchemy; print('vllm', vllm.__version__)"
+    # A `bastion` command beside the image's Python, as pip would install it
+    # (bench/ and tests/support.py start the gateway through it).
+    printf '#!/bin/sh\nexec "%s" -m gateway.cli "$@"\n' "$PY" >"$(dirname "$PY")"/bastion
+    chmod +x "$(dirname "$PY")"/bastion
 }
 
 # deploy NAME PORT ENGINE_PORT MODEL_DIR ENGINE_TOML: a Bastion directory serving one signed model.
@@ -115,6 +120,12 @@ validate() {
         "$PY" bench/gpu/validate.py --config "$WORK"/tiny-vision/bastion.toml --key "$vkey" \
             --model tiny-vision --vision-model tiny-vision --concurrency
     fi
+}
+
+# Stream relay against the running llama engine: added time to first token, chunks/s.
+relay() {
+    "$PY" bench/stream_relay.py --engine-url http://127.0.0.1:8100 --model llama-1b \
+        --engine-key-file "$WORK"/llama-1b/state/secrets/engine-llama-1b.key "$@"
 }
 
 # The latency of one durable write on this machine's disk: strict audit makes
