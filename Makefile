@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (see README.md):
 #   make demo   set everything up, then run the gateway in front of SmolLM2-135M on vLLM CPU
-#   make test   set everything up, then run the whole test suite (what CI runs)
+#   make test   set everything up, then run the whole test suite (what CI runs;
+#               it installs and starts Docker and builds the images too)
 
 PYTHON      ?= python3.11
 VENV        ?= .venv
@@ -8,7 +9,7 @@ ENGINE_VENV ?= .venv-engine
 DEMO_DIR    ?= .bastion-demo
 BASTION      = $(VENV)/bin/bastion
 
-.PHONY: setup gateway-env engine-env demo test clean
+.PHONY: setup gateway-env engine-env docker-images demo test test-local clean
 
 setup: gateway-env engine-env
 
@@ -33,6 +34,12 @@ $(ENGINE_VENV)/.done: engine/requirements.txt
 	$(ENGINE_VENV)/bin/python engine/vllm_cpu_metadata.py
 	touch $@
 
+# A Docker engine (Debian's docker.io, started if none runs) and Bastion's images,
+# built offline on a debootstrap base (no registry is reachable here).
+docker-images: gateway-env
+	bash docker/start-dockerd.sh
+	bash docker/build-images.sh --local-base
+
 demo: setup
 	$(BASTION) init --dir $(DEMO_DIR) --engine-python $(ENGINE_VENV)/bin/python
 	$(BASTION) demo-model --config $(DEMO_DIR)/bastion.toml
@@ -40,8 +47,12 @@ demo: setup
 	@$(BASTION) keys create --config $(DEMO_DIR)/bastion.toml --name demo --role user
 	$(BASTION) up --config $(DEMO_DIR)/bastion.toml
 
-test: setup
+test: setup docker-images
 	BASTION_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# While iterating: everything but the Docker tests, no images built.
+test-local: setup
+	BASTION_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python $(VENV)/bin/pytest -m 'not docker' $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(ENGINE_VENV) $(DEMO_DIR)

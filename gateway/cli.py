@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,10 +27,22 @@ from engine import manifest
 from gateway import migrate
 from gateway.audit.capture import rotate_keyring
 from gateway.cli_audit import audit
+from gateway.cli_engine import compose_group, engine_group
 from gateway.cli_policy import STARTER_POLICY, policy_group
 from gateway.cli_record import record_action
-from gateway.clikit import CheckFailed, UsageProblem, config_option, echo_json, err_console, settings_from
-from gateway.keys import ROLES, KeyStore, load_or_create_pepper, write_secret_file
+from gateway.clikit import (
+    CheckFailed,
+    UsageProblem,
+    byte_progress,
+    config_option,
+    echo_json,
+    ensure_engine_key,
+    err_console,
+    folder_bytes,
+    settings_from,
+    verify_before_start,
+)
+from gateway.keys import ROLES, KeyStore, load_or_create_pepper
 from gateway.settings import ConfigError, Settings
 
 ENGINE_DIR = Path(__file__).resolve().parent.parent / "engine"
@@ -55,7 +65,7 @@ state_dir = "state"
 engine_python = {engine_python}
 
 [gateway]
-host = "127.0.0.1"
+host = {host}
 port = {port}
 # tls_cert = "tls/cert.pem"
 # tls_key = "tls/key.pem"
@@ -64,7 +74,7 @@ engine_connect_timeout = 5.0
 engine_read_timeout = 300.0
 
 [database]
-url = {database_url}
+url = {database_url}{database_extra}
 
 [audit]
 # strict: the call's intent is durable before the engine sees it; relaxed: one record after.
@@ -74,7 +84,7 @@ batch_max = 512
 # Signed checkpoints of the hash chain, also appended to the anchor file.
 checkpoint_every = 1000
 checkpoint_seconds = 10.0
-# anchor_file = "/mnt/worm/bastion-anchor.jsonl"   # default: state/audit-anchor.jsonl
+{anchor}
 # Payload capture: none | hash | encrypted (AES-256-GCM, keyring in state/secrets).
 # A team's or key's own mode is set in the policy file (`capture:`).
 capture = "hash"
@@ -110,7 +120,13 @@ level = "info"
 @click.option("--engine-python", default="", help="Python of the vLLM environment (for `up` and `demo-model`).")
 @click.option("--database-url", default="sqlite+aiosqlite:///state/bastion.db", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def init(config_path: Path, directory: str | None, engine_python: str, database_url: str, port: int) -> None:
+@click.option(
+    "--compose", is_flag=True,
+    help="For docker/compose.yaml: PostgreSQL service, password file, listen in the container; no migration here.",
+)  # fmt: skip
+def init(
+    config_path: Path, directory: str | None, engine_python: str, database_url: str, port: int, compose: bool
+) -> None:
     """Create the config file, the state folder and its secrets, and migrate the database."""
     if directory:
         config_path = Path(directory) / "bastion.toml"
@@ -119,9 +135,23 @@ def init(config_path: Path, directory: str | None, engine_python: str, database_
         click.echo(f"{config_path} exists; keeping it.")
     else:
         python = str(Path(engine_python).absolute()) if engine_python else ""
-        config_path.write_text(
-            CONFIG_TEMPLATE.format(engine_python=json.dumps(python), port=port, database_url=json.dumps(database_url))
-        )
+        values = {
+            "engine_python": json.dumps(python),
+            "host": '"127.0.0.1"',
+            "port": port,
+            "database_url": json.dumps(database_url),
+            "database_extra": "",
+            "anchor": '# anchor_file = "/mnt/worm/bastion-anchor.jsonl"   # default: state/audit-anchor.jsonl',
+        }
+        if compose:  # the compose services' names; the gateway's only writable folder is state/anchor
+            values |= {
+                "host": '"0.0.0.0"  # inside the container; compose publishes the port',
+                "port": 8000,
+                "database_url": '"postgresql+asyncpg://bastion@postgres:5432/bastion"',
+                "database_extra": '\npassword_file = "state/secrets/postgres-password"',
+                "anchor": 'anchor_file = "state/anchor/audit-anchor.jsonl"',
+            }
+        config_path.write_text(CONFIG_TEMPLATE.format(**values))
         click.echo(f"wrote {config_path}")
     settings = settings_from(config_path)
     if not settings.policy_file.exists():
@@ -135,6 +165,9 @@ def init(config_path: Path, directory: str | None, engine_python: str, database_
         click.echo(f"audit signing key {key_id} in {settings.audit_signing_key}")
     if not settings.audit_keyring_file.exists():
         rotate_keyring(settings.audit_keyring_file)
+    if compose:  # the database is reachable only inside the stack, where the `migrate` service runs
+        click.echo(f"state in {settings.state_path}; next: add a deployment, then `bastion compose prepare`")
+        return
     _upgrade(settings)
     click.echo(f"state in {settings.state_path}; database migrated")
 
@@ -284,21 +317,6 @@ def keys_revoke(config_path: Path, key_id: str) -> None:
 
 
 # ------------------------------------------------------ signing and manifests
-
-
-@contextmanager
-def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar over bytes hashed, on stderr; yields the callback for the hashing threads."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress("{task.description}", *columns, console=err_console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
-def folder_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 @main.group("signing-key")
@@ -467,34 +485,6 @@ def demo_model(config_path: Path, port: int) -> None:
     ensure_engine_key(settings, DEMO_NAME)
 
 
-def _verify_before_start(settings: Settings) -> dict[str, manifest.Verification]:
-    """Verify every model `up` would serve; a model that fails gets no engine."""
-    from gateway.integrity import trusted_keys, verify_deployment
-
-    try:
-        trusted = trusted_keys(settings)
-    except ConfigError as exc:
-        raise UsageProblem(str(exc)) from None
-    results: dict[str, manifest.Verification] = {}
-    for d in settings.deployments:
-        if not d.verify:
-            err_console.print(f"model {d.name}: verify = false, served without an integrity check")
-            continue
-        with byte_progress(f"verifying {d.name}", folder_bytes(settings.path(d.model_dir))) as progress:
-            result = results[d.name] = verify_deployment(settings, d, trusted, progress)
-        if result.ok:
-            err_console.print(
-                f"model {d.name}: verified ({result.bytes_hashed} bytes, {result.seconds:.1f}s, key {result.key_id})"
-            )
-        else:
-            err_console.print(f"model {d.name}: FAILED verification")
-            for problem in result.problems:
-                err_console.print(f"  {problem}")
-    if results and not any(r.ok for r in results.values()) and all(d.verify for d in settings.deployments):
-        raise CheckFailed("no model passed verification; nothing to serve")
-    return results
-
-
 def _engine_python(settings: Settings) -> str:
     if not settings.engine_python:
         raise UsageProblem("engine_python is not set in the config (the Python of the vLLM environment)")
@@ -502,15 +492,6 @@ def _engine_python(settings: Settings) -> str:
     if not python.exists():
         raise UsageProblem(f"engine_python {python} does not exist")
     return str(python)
-
-
-def ensure_engine_key(settings: Settings, name: str) -> None:
-    deployment = settings.deployment(name)
-    assert deployment is not None
-    path = settings.engine_key_path(deployment)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_secret_file(path, secrets.token_urlsafe(32).encode())
 
 
 # ------------------------------------------------------------ serve and up
@@ -561,7 +542,7 @@ def up(config_path: Path, engine_timeout: int) -> None:
         preflight(settings, engine_keys=False)  # `up` writes the engine keys itself
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
-    verified = _verify_before_start(settings)
+    verified = verify_before_start(settings)
     engines: list[LocalEngine] = []
     try:
         for d in settings.deployments:
@@ -615,6 +596,8 @@ def up(config_path: Path, engine_timeout: int) -> None:
 
 main.add_command(audit)
 main.add_command(policy_group)
+main.add_command(engine_group)
+main.add_command(compose_group)
 
 if __name__ == "__main__":
     sys.exit(main())

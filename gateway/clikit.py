@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -11,8 +13,10 @@ import click
 import msgspec
 from rich.console import Console
 
+from engine import manifest
 from gateway import logs
-from gateway.settings import ConfigError, Settings, load_settings, resolve_config_path
+from gateway.keys import write_secret_file
+from gateway.settings import ConfigError, Deployment, Settings, load_settings, resolve_config_path
 
 F = TypeVar("F", bound=Callable[..., Any])
 err_console = Console(stderr=True)
@@ -56,3 +60,58 @@ def settings_from(path: Path) -> Settings:
 
 def echo_json(data: Any) -> None:
     click.echo(msgspec.json.encode(data).decode())
+
+
+@contextmanager
+def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar over bytes hashed, on stderr; yields the callback for the hashing threads."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress("{task.description}", *columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def folder_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def ensure_engine_key(settings: Settings, name: str) -> None:
+    deployment = settings.deployment(name)
+    assert deployment is not None
+    path = settings.engine_key_path(deployment)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_secret_file(path, secrets.token_urlsafe(32).encode())
+
+
+def verify_before_start(
+    settings: Settings, deployments: list[Deployment] | None = None
+) -> dict[str, manifest.Verification]:
+    """Verify every model an engine runner would serve; a model that fails gets no engine."""
+    from gateway.integrity import trusted_keys, verify_deployment
+
+    try:
+        trusted = trusted_keys(settings)
+    except ConfigError as exc:
+        raise UsageProblem(str(exc)) from None
+    results: dict[str, manifest.Verification] = {}
+    chosen = settings.deployments if deployments is None else deployments
+    for d in chosen:
+        if not d.verify:
+            err_console.print(f"model {d.name}: verify = false, served without an integrity check")
+            continue
+        with byte_progress(f"verifying {d.name}", folder_bytes(settings.path(d.model_dir))) as progress:
+            result = results[d.name] = verify_deployment(settings, d, trusted, progress)
+        if result.ok:
+            err_console.print(
+                f"model {d.name}: verified ({result.bytes_hashed} bytes, {result.seconds:.1f}s, key {result.key_id})"
+            )
+        else:
+            err_console.print(f"model {d.name}: FAILED verification")
+            for problem in result.problems:
+                err_console.print(f"  {problem}")
+    if results and not any(r.ok for r in results.values()) and all(d.verify for d in chosen):
+        raise CheckFailed("no model passed verification; nothing to serve")
+    return results

@@ -48,6 +48,9 @@ class DatabaseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str = "sqlite+aiosqlite:///state/bastion.db"
     # How long a writer waits on a locked SQLite file before the write fails.
     sqlite_busy_timeout_ms: int = 5000
+    # File holding the database password (a secret mounted into a container), so
+    # that the URL above carries none; its one line replaces the URL's password.
+    password_file: str = ""
 
 
 class TrustedKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -284,13 +287,22 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.state_path / "secrets" / "audit-keyring.json"
 
     def database_url(self) -> str:
-        """The database URL with a relative SQLite path resolved against base_dir."""
+        """The database URL: a relative SQLite path resolved against base_dir, the password from password_file."""
         url = self.database.url
         for prefix in ("sqlite+aiosqlite:///", "sqlite:///"):
             if url.startswith(prefix):
                 rest = url[len(prefix) :]
                 if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
                     return prefix + str(self.path(rest).resolve())
+        if self.database.password_file:
+            from sqlalchemy.engine import make_url
+
+            path = self.path(self.database.password_file)
+            try:
+                password = path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"database.password_file {path}: {exc.strerror}") from None
+            return make_url(url).set(password=password).render_as_string(hide_password=False)
         return url
 
     def engine_key_path(self, deployment: Deployment) -> Path:

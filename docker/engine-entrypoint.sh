@@ -1,0 +1,21 @@
+#!/bin/sh
+# Start vLLM's OpenAI server with the arguments Bastion renders from the engine
+# spec (engine/spec.py). The API key is read from a secret file and handed over
+# in the environment, so it shows neither in argv (`ps`, `docker inspect`) nor in
+# the container's configured environment.
+set -eu
+key_file=${BASTION_ENGINE_KEY_FILE:-/run/secrets/engine_key}
+if [ ! -r "$key_file" ]; then
+    echo "bastion-engine: the engine key $key_file is missing or unreadable" >&2
+    exit 2
+fi
+VLLM_API_KEY=$(cat "$key_file")
+export VLLM_API_KEY
+# The root filesystem is read-only. /tmp is a noexec tmpfs; the compile caches
+# (torch inductor and Triton build shared objects and load them) get a tmpfs of
+# their own that allows exec (engine/container.py, docker/compose.yaml).
+cache=${BASTION_ENGINE_CACHE:-/var/cache/bastion-engine}
+export HOME=/tmp/home XDG_CACHE_HOME="$cache" VLLM_CACHE_ROOT="$cache/vllm" \
+    TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton"
+mkdir -p "$HOME" "$cache"
+exec "${BASTION_ENGINE_PYTHON:-python3}" -m vllm.entrypoints.openai.api_server "$@"
