@@ -33,6 +33,7 @@ from gateway.clikit import (
     settings_from,
     verify_before_start,
 )
+from gateway.keys import hand_over
 from gateway.settings import ConfigError, Deployment, Settings
 
 
@@ -73,21 +74,14 @@ def _engine(
 
 def _engine_key_copy(settings: Settings, deployment: Deployment, target: Path) -> None:
     """The engine's own copy of its key, readable by the engine's container user only."""
-    import os
-    import shutil
-
     from gateway.services import read_engine_key
 
     ensure_engine_key(settings, deployment.name)
     read_engine_key(settings, deployment.name)  # refuse an empty or unreadable key now, not in the container
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    target.unlink(missing_ok=True)
-    shutil.copyfile(settings.engine_key_path(deployment), target)
     try:
-        os.chown(target, ENGINE_UID, ENGINE_UID)
+        hand_over(settings.engine_key_path(deployment), target, ENGINE_UID)
     except PermissionError:
         raise UsageProblem(f"cannot give {target} to the engine's user {ENGINE_UID}: run as root") from None
-    target.chmod(0o400)
 
 
 def _print_status(status: EngineStatus, as_json: bool) -> None:

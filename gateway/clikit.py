@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +14,7 @@ from rich.console import Console
 
 from engine import manifest
 from gateway import logs
-from gateway.keys import write_secret_file
+from gateway.keys import ensure_token_file
 from gateway.settings import ConfigError, Deployment, Settings, load_settings, resolve_config_path
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,10 +79,7 @@ def folder_bytes(root: Path) -> int:
 def ensure_engine_key(settings: Settings, name: str) -> None:
     deployment = settings.deployment(name)
     assert deployment is not None
-    path = settings.engine_key_path(deployment)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_secret_file(path, secrets.token_urlsafe(32).encode())
+    ensure_token_file(settings.engine_key_path(deployment))
 
 
 def verify_before_start(

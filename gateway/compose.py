@@ -17,8 +17,6 @@ same engine spec the local and Docker SDK runners use (`engine/container.py`):
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from engine.container import ENGINE_UID, GATEWAY_UID, POSTGRES_UID, engine_command, engine_environment
-from gateway.keys import write_secret_file
+from gateway.keys import ensure_token_file, hand_over
 from gateway.settings import ConfigError, Deployment, Settings
 
 ENGINE_URL = "http://engine:8000"  # the engine service on the compose `engine` network
@@ -87,17 +85,6 @@ def _unreadable_by_others(folder: Path) -> Path | None:
     return None
 
 
-def _own(path: Path, uid: int, mode: int) -> None:
-    os.chown(path, uid, uid)
-    path.chmod(mode)
-
-
-def _copy_secret(src: Path, dst: Path, uid: int) -> None:
-    dst.unlink(missing_ok=True)
-    shutil.copyfile(src, dst)
-    _own(dst, uid, 0o400)
-
-
 def prepare(settings: Settings, deployment: Deployment, *, gpus: bool) -> Prepared:
     """Write the secret files with their owners, then DIR/compose.deploy.yaml. Needs root (chown)."""
     check(settings, deployment)
@@ -109,13 +96,9 @@ def prepare(settings: Settings, deployment: Deployment, *, gpus: bool) -> Prepar
         raise ConfigError(f"state_dir {state} must be inside the config folder {base}, which the gateway mounts")
 
     engine_key = settings.engine_key_path(deployment)
-    if not engine_key.exists():
-        engine_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_secret_file(engine_key, secrets.token_urlsafe(32).encode())
     password = settings.path(settings.database.password_file)
-    if not password.exists():
-        password.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_secret_file(password, secrets.token_urlsafe(32).encode())
+    ensure_token_file(engine_key)
+    ensure_token_file(password)
     anchor_dir = settings.audit_anchor_file.resolve().parent
     anchor_dir.mkdir(parents=True, exist_ok=True)
 
@@ -130,10 +113,11 @@ def prepare(settings: Settings, deployment: Deployment, *, gpus: bool) -> Prepar
     for path in _walk(base, skip={model, handed, state / "containers"}):
         os.chown(path, GATEWAY_UID, GATEWAY_UID)
     handed.mkdir(exist_ok=True)
-    _own(handed, 0, 0o700)
+    os.chown(handed, 0, 0)
+    handed.chmod(0o700)
     prepared = Prepared(base / DEPLOY_FILE, handed / "engine.key", handed / "postgres-password")
-    _copy_secret(engine_key, prepared.engine_key, ENGINE_UID)
-    _copy_secret(password, prepared.postgres_password, POSTGRES_UID)
+    hand_over(engine_key, prepared.engine_key, ENGINE_UID)
+    hand_over(password, prepared.postgres_password, POSTGRES_UID)
 
     prepared.deploy_file.write_text(render(settings, deployment, prepared, gpus=gpus))
     return prepared

@@ -15,6 +15,7 @@ import hmac
 import os
 import re
 import secrets
+import shutil
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,6 +100,26 @@ def write_secret_file(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with open(fd, "wb") as f:
         f.write(data)
+
+
+def ensure_token_file(path: Path) -> None:
+    """A random token (engine keys, database passwords) in a 0600 file, made once."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_secret_file(path, secrets.token_urlsafe(32).encode())
+
+
+def hand_over(src: Path, dst: Path, uid: int) -> None:
+    """Copy a secret file for one container user: `dst` owned by uid (and its group id), 0400.
+
+    Compose and the Docker SDK bind-mount secret files, so the owner on the
+    host is what the container sees. Needs root (chown).
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dst.unlink(missing_ok=True)
+    shutil.copyfile(src, dst)
+    os.chown(dst, uid, uid)
+    dst.chmod(0o400)
 
 
 def hash_secret(pepper: bytes, secret: str) -> str:
