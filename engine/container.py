@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING, Any
 from engine.spec import EngineSpec
 
 if TYPE_CHECKING:
-    from docker.models.containers import Container
-
     import docker
+    from docker.models.containers import Container
 
 # Fixed ids, so that secret files on the host can be given to exactly one container user.
 GATEWAY_UID = 10001

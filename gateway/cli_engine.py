@@ -52,9 +52,8 @@ def _deployment(settings: Settings, name: str | None) -> Deployment:
 def _engine(
     settings: Settings, deployment: Deployment, gpus: bool = False, image: str | None = None
 ) -> ContainerEngine:
-    from docker.errors import DockerException
-
     import docker
+    from docker.errors import DockerException
 
     try:
         client = docker.from_env()
