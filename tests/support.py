@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -51,10 +52,27 @@ def engine_metric(engine: EngineRef, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M))
 
 
+_port_picker = random.Random()  # noqa: S311 - not for secrets
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now and outside the kernel's ephemeral range.
+
+    A port the kernel hands out for bind(0) is one it may hand out again to
+    anyone else binding 0 (vLLM's workers do) before our server binds it; CI
+    saw a gateway lose its port that way. Ports below the ephemeral range are
+    only ever taken by name, so a free one stays free for us.
+    """
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(200):
+        port = _port_picker.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def bastion(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
