@@ -59,7 +59,17 @@ def check(settings: Settings, deployment: Deployment) -> None:
         "the audit signing key": settings.audit_signing_key,
         "the manifest": settings.path(deployment.manifest) if deployment.manifest else base,
         **{f"publisher key {p.key_id}": settings.path(p.public_key) for p in settings.publishers},
+        **{f"audit trusted key {k.key_id}": settings.path(k.public_key) for k in settings.audit.trusted_keys},
+        **{f"jwks_file of {o.issuer}": settings.path(o.jwks_file) for o in settings.auth.oidc if o.jwks_file},
     }
+    files = {
+        "gateway.tls_cert": settings.gateway.tls_cert,
+        "gateway.tls_key": settings.gateway.tls_key,
+        "auth.mtls.client_ca": settings.auth.mtls.client_ca,
+        "media.fetch.ca_file": settings.media.fetch.ca_file,
+        "audit.keyring_file": settings.audit.keyring_file,
+    }
+    inside |= {what: settings.path(value) for what, value in files.items() if value}
     for what, path in inside.items():
         if not path.resolve().is_relative_to(base):
             problems.append(f"{what} ({path}) must be inside the config folder {base}, which the gateway mounts")

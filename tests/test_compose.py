@@ -112,12 +112,22 @@ def test_prepare_hands_each_secret_to_one_container_user(tmp_path: Path) -> None
     assert (handed / "engine.key").read_text() == before
 
 
+OUTSIDE_TLS = '[gateway]\ntls_cert = "/etc/ssl/bastion.pem"\ntls_key = "/etc/ssl/bastion.key"\n'
+
+
 @pytest.mark.parametrize(
-    "engine_url, text",
-    [("http://127.0.0.1:8100", "engine_url must be 'http://engine:8000'")],
+    "engine_url, extra, text",
+    [
+        ("http://127.0.0.1:8100", "", "engine_url must be 'http://engine:8000'"),
+        # A file the gateway reads from outside the folder it mounts would be missing in its container.
+        ("http://engine:8000", OUTSIDE_TLS, "gateway.tls_cert (/etc/ssl/bastion.pem) must be inside"),
+    ],
 )
-def test_prepare_refuses_a_config_not_made_for_compose(tmp_path: Path, engine_url: str, text: str) -> None:
+def test_prepare_refuses_a_config_not_made_for_compose(tmp_path: Path, engine_url: str, extra: str, text: str) -> None:
     base = compose_dir(tmp_path, engine_url)
+    if extra:
+        toml = base / "bastion.toml"
+        toml.write_text(toml.read_text().replace("[gateway]\n", extra, 1))
     refused = prepare(base, check=False)
     assert refused.returncode == 2
     assert text in refused.stderr
