@@ -54,6 +54,7 @@ def check(settings: Settings, deployment: Deployment) -> None:
         problems.append(f"deployments.{deployment.name}.model_dir is required")
     base = Path(settings.base_dir).resolve()
     inside = {
+        "state_dir": settings.state_path,
         "policy.file": settings.policy_file,
         "the audit anchor file": settings.audit_anchor_file,
         "the audit signing key": settings.audit_signing_key,
@@ -73,6 +74,10 @@ def check(settings: Settings, deployment: Deployment) -> None:
     for what, path in inside.items():
         if not path.resolve().is_relative_to(base):
             problems.append(f"{what} ({path}) must be inside the config folder {base}, which the gateway mounts")
+    if deployment.model_dir:
+        unreadable = _unreadable_by_others(settings.path(deployment.model_dir).resolve())
+        if unreadable:
+            problems.append(f"the engine's user cannot read {unreadable} (the model folder must be o+rX)")
     if problems:
         raise ConfigError("not ready for compose:\n  " + "\n  ".join(problems))
 
@@ -102,8 +107,6 @@ def prepare(settings: Settings, deployment: Deployment, *, gpus: bool) -> Prepar
         raise ConfigError("compose prepare gives each secret file to its container user: run it as root")
     base = Path(settings.base_dir).resolve()
     state = settings.state_path.resolve()
-    if not state.is_relative_to(base):
-        raise ConfigError(f"state_dir {state} must be inside the config folder {base}, which the gateway mounts")
 
     engine_key = settings.engine_key_path(deployment)
     password = settings.path(settings.database.password_file)
@@ -113,9 +116,6 @@ def prepare(settings: Settings, deployment: Deployment, *, gpus: bool) -> Prepar
     anchor_dir.mkdir(parents=True, exist_ok=True)
 
     model = settings.path(deployment.model_dir).resolve()
-    unreadable = _unreadable_by_others(model)
-    if unreadable:
-        raise ConfigError(f"the engine's user cannot read {unreadable} (the model folder must be o+rX)")
     # The config folder and the gateway's state (its secrets, the anchor) belong
     # to the gateway's user; the model and the copies handed to the other
     # containers (state/compose, read on the host only by dockerd) do not.
