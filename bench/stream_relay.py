@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--engine-key-file", help="its API key (with --engine-url)")
     parser.add_argument("--model", default="tiny", help="its served model name (with --engine-url)")
     parser.add_argument("--upstream", choices=["vllm", "fast"], default="vllm",
-                        help="fast: bench/fast_upstream.py (16 chunks a stream, no model work)")  # fmt: skip
+                        help="fast: bench/fast_upstream.py (--tokens chunks a stream, no model work)")  # fmt: skip
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bastion-relay-"))

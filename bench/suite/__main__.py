@@ -1,0 +1,174 @@
+"""Bastion against the engine called directly and against the gateways people use
+today, in one run, on the same machine and the same upstreams; one table.
+
+    bash bench/peers/setup.sh                 # once: LiteLLM's proxy and Portkey, each in its own environment
+    .venv/bin/python -m bench.suite           # everything (about 20 minutes on 2 cores)
+    .venv/bin/python -m bench.suite --quick   # shorter runs, same scenarios
+
+The run happens in a network namespace of its own with only a loopback
+interface (`unshare --net`), so nothing any process in it starts (a peer's
+telemetry, say) can reach another address.
+
+Upstreams: bench/fast_upstream.py (no model work: what is measured is the
+gateway's own cost) and the real vLLM CPU engine with the tiny random model.
+Bastion runs as `bastion serve` on SQLite with strict audit (each call's intent
+record durable before it is forwarded and its final record before the answer
+returns, chained, checkpointed and signed) and a policy with content detectors
+and rate limits on. After the scenarios, a leak run sends Bastion 100,000 more
+requests and reads its memory as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.suite import load, procs, report, targets
+from bench.suite.scenarios import SCENARIOS, Options, chat
+from bench.suite.targets import ROOT, Target, Upstream
+
+_NETNS_FLAG = "BASTION_BENCH_NETNS"
+
+
+def _isolate() -> None:
+    """Re-run this command inside a fresh network namespace with only loopback."""
+    if os.environ.get(_NETNS_FLAG) == "1":
+        return
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        sys.exit("bench.suite: `unshare` (util-linux) is needed to isolate the run's network; --no-netns to skip")
+    flags = ["--net"] if os.geteuid() == 0 else ["--net", "--map-root-user"]
+    inner = 'ip link set lo up && exec "$@"'
+    argv = [unshare, *flags, "--", "sh", "-c", inner, "sh", sys.executable, "-m", "bench.suite", *sys.argv[1:]]
+    os.execve(unshare, argv, {**os.environ, _NETNS_FLAG: "1"})
+
+
+def leak_run(target: Target, upstream: Upstream, total: int, slice_seconds: float) -> tuple[list[tuple[int, float]], float]:
+    """Bastion's resident memory over `total` requests (after a warm-up), read between wrk runs."""
+    assert target.proc is not None
+    endpoint, body = target.endpoint(upstream), chat("bench")
+    load.wrk(endpoint, body, 32, 5)  # warm-up: pools, caches, the first checkpoints
+    base = procs.rss_bytes(target.proc.pid) / 2**20
+    series = [(0, base)]
+    done = 0
+    while done < total:
+        m = load.wrk(endpoint, body, 32, slice_seconds)
+        done += m.requests
+        series.append((done, procs.rss_bytes(target.proc.pid) / 2**20))
+        print(f"  leak run: {done:,} requests, {series[-1][1]:.1f} MB", flush=True)
+    return series, (series[-1][1] - base) / base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="5 s per scenario, 15 s of fixed rate, 20,000 leak requests")
+    parser.add_argument("--seconds", type=float, default=15, help="per closed-loop scenario and target")
+    parser.add_argument("--peers", nargs="*", help="peer gateways to include (default: every one set up)")
+    parser.add_argument("--only", nargs="*", help="run only the scenarios whose names start with these")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the scenarios on the real vLLM CPU engine")
+    parser.add_argument("--leak-requests", type=int, help="requests in the leak run (default 100,000; 0 skips it)")
+    parser.add_argument("--open-streams", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=500, help="the published benchmark's offered requests/s")
+    parser.add_argument("--rate-seconds", type=float, default=60)
+    parser.add_argument("--engine-python", default=str(ROOT / ".venv-engine" / "bin" / "python"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--chart", type=Path, help="where to write the chart (default: OUT/suite-<time>.png)")
+    parser.add_argument("--no-netns", action="store_true", help="run on the host's network namespace")
+    args = parser.parse_args()
+    if not args.no_netns:
+        _isolate()
+    if args.quick:
+        args.seconds, args.rate_seconds = 5, 15
+    if args.leak_requests is None:
+        args.leak_requests = 20_000 if args.quick else 100_000
+    peers = targets.available_peers() if args.peers is None else args.peers
+    scenarios = [s for s in SCENARIOS if not args.only or any(s.name.startswith(p) for p in args.only)]
+    if args.no_vllm:
+        scenarios = [s for s in scenarios if s.upstream != "vllm"]
+    opts = Options(args.seconds, args.open_streams, args.rate, args.rate_seconds)
+
+    work = Path(tempfile.mkdtemp(prefix="bastion-suite-"))
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    print(f"work folder: {work}; peers: {', '.join(peers) or 'none'}", flush=True)
+    started: list[object] = []
+    results: report.Results = {}
+    leak: list[tuple[int, float]] = []
+    growth: float | None = None
+    try:
+        fast, fast_proc = targets.fast_upstream(work)
+        started.append(fast_proc)
+        upstreams = [fast]
+        if any(s.upstream == "vllm" for s in scenarios):
+            print("starting vLLM CPU (tiny random model)...", flush=True)
+            vllm, engine = targets.vllm_upstream(work, args.engine_python)
+            started.append(engine)
+            upstreams.append(vllm)
+        by_kind = {u.kind: u for u in upstreams}
+        bastion = targets.bastion(upstreams, work)
+        started.append(bastion)
+        all_targets = [targets.direct(), bastion]
+        if "litellm" in peers:
+            all_targets.append(targets.litellm(upstreams, work))
+            started.append(all_targets[-1])
+        if "portkey" in peers:
+            all_targets.append(targets.portkey(work))
+            started.append(all_targets[-1])
+        for i, scenario in enumerate(scenarios):
+            upstream = by_kind[scenario.upstream]
+            results[scenario.name] = {}
+            # The order turns from scenario to scenario, so no target always runs first.
+            order = all_targets[i % len(all_targets) :] + all_targets[: i % len(all_targets)]
+            for target in order:
+                print(f"{scenario.name}: {target.name}...", flush=True)
+                results[scenario.name][target.name] = scenario.run(target, upstream, opts)
+                time.sleep(1)  # let the last connections close
+            results[scenario.name] = {t.name: results[scenario.name][t.name] for t in all_targets}
+        if args.leak_requests:
+            leak, growth = leak_run(bastion, fast, args.leak_requests, 10)
+    finally:
+        for thing in reversed(started):
+            thing.stop()  # type: ignore[attr-defined]
+
+    found = report.checks(results, growth)
+    print()
+    print(report.table(results))
+    print()
+    print(report.checks_table(found))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"time": stamp, "machine": _machine(), "peers": _peer_versions(peers), "argv": sys.argv[1:]}
+    data = {"meta": meta, "results": report.as_json(results), "leak": leak, "leak_growth": growth,
+            "checks": [c.__dict__ for c in found]}  # fmt: skip
+    (args.out / f"suite-{stamp}.json").write_text(json.dumps(data, indent=1))
+    chart = args.chart or args.out / f"suite-{stamp}.png"
+    report.chart(results, leak, chart)
+    print(f"\nresults: {args.out / f'suite-{stamp}.json'}; chart: {chart}")
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")  # fmt: skip
+    return f"{os.cpu_count()} cores ({cpu}), {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
+
+
+def _peer_versions(peers: list[str]) -> dict[str, str]:
+    versions = {}
+    if "litellm" in peers:
+        py = targets.PEERS / "litellm" / "bin" / "python"
+        versions["litellm"] = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+                                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+    if "portkey" in peers:
+        package = targets.PEERS / "portkey" / "node_modules" / "@portkey-ai" / "gateway" / "package.json"
+        versions["portkey"] = json.loads(package.read_text())["version"]
+    return versions
+
+
+if __name__ == "__main__":
+    main()

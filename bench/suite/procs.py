@@ -1,0 +1,98 @@
+"""The processes a suite run starts: each in a session of its own (stopped by
+its process group, never by name), with its resident memory and CPU time read
+from /proc over the whole process tree (LiteLLM and vLLM start children)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _tree(pid: int) -> list[int]:
+    """The process and all its descendants that are alive now."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return pids
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of the process tree (sum of each process's RSS)."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * _PAGE
+        except OSError:
+            continue
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of the process tree so far."""
+    total = 0.0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    return total
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+
+def start(name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
+    with open(log, "ab") as out:
+        popen = subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd
+        )
+    return Proc(name, popen, log)
+
+
+def wait_http(proc: Proc, url: str, timeout: float = 120, headers: dict[str, str] | None = None) -> None:
+    """Wait until `url` answers at all (any status below 500)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited {proc.popen.returncode}; log: {proc.log}\n{proc.log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2, headers=headers).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{proc.name} did not answer {url} in {timeout:.0f} s; log: {proc.log}")

@@ -1,0 +1,188 @@
+"""What the load is sent to: the upstream itself (direct), Bastion, and the peer
+gateways, each started here in front of the same upstreams.
+
+Every gateway is configured with every upstream model under the upstream's own
+name, so one request body works for every target; only the URL and headers
+differ. How each peer is configured is documented in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bench.suite import procs
+from engine.local import LocalEngine
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS = ROOT / "bench" / ".peers"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An OpenAI-compatible server the gateways forward to."""
+
+    kind: str  # "fast" (bench/fast_upstream.py) or "vllm" (the real vLLM CPU engine)
+    url: str  # without /v1
+    key: str
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str  # the chat completions URL
+    headers: dict[str, str]
+
+
+@dataclass
+class Target:
+    name: str
+    proc: procs.Proc | None = None  # None for the upstream called directly
+    key: str = ""
+    base_url: str = ""
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    def endpoint(self, upstream: Upstream) -> Endpoint:
+        if self.proc is None:  # direct
+            return Endpoint(upstream.url + "/v1/chat/completions", {"authorization": f"Bearer {upstream.key}"})
+        if self.name == "portkey":
+            # Portkey takes the provider, its address and its key from headers on each request.
+            headers = {
+                "authorization": f"Bearer {upstream.key}",
+                "x-portkey-provider": "openai",
+                "x-portkey-custom-host": upstream.url + "/v1",
+            }
+            return Endpoint(self.base_url + "/v1/chat/completions", headers)
+        return Endpoint(self.base_url + "/v1/chat/completions", {"authorization": f"Bearer {self.key}"})
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def direct() -> Target:
+    return Target("direct")
+
+
+SUITE_POLICY = ROOT / "bench" / "suite" / "policy.yaml"
+
+
+def bastion(upstreams: list[Upstream], work: Path, *, audit_mode: str = "strict") -> Target:
+    """`bastion serve` on SQLite with strict audit (every record durable before
+    the call goes on or the answer returns), chained and checkpointed, and a
+    policy with content detectors and rate limits switched on."""
+    from gateway import migrate
+    from tests.support import BASTION, EngineRef, bastion as run_bastion, free_port, write_config
+
+    home = work / "bastion"
+    port = free_port()
+    db_url = f"sqlite+aiosqlite:///{home / 'state' / 'bastion.db'}"
+    engines = [EngineRef(m, u.url, u.key) for u in upstreams for m in u.models]
+    config = write_config(
+        home,
+        port=port,
+        database_url=db_url,
+        engines=engines,
+        # Every open stream of the scenarios holds one engine connection.
+        gateway={"engine_pool_size": 4096},
+        audit={"mode": audit_mode},
+        policy=SUITE_POLICY.read_text(),
+        policy_settings={"rate_limits": {"backend": "memory"}},
+    )
+    migrate.upgrade(db_url)
+    created = run_bastion("keys", "create", "--config", str(config), "--name", "bench", "--team", "default", "--json")
+    key = json.loads(created.stdout)["key"]
+    proc = procs.start("bastion", [BASTION, "serve", "--config", str(config)], home / "gateway.log")
+    procs.wait_http(proc, f"http://127.0.0.1:{port}/healthz", 60)
+    return Target("bastion", proc, key, f"http://127.0.0.1:{port}")
+
+
+def litellm(upstreams: list[Upstream], work: Path, *, workers: int = 1) -> Target:
+    """LiteLLM's proxy with a master key and no database: its fastest setup."""
+    from tests.support import free_port
+
+    home = work / "litellm"
+    home.mkdir(parents=True, exist_ok=True)
+    master = "sk-bench-" + secrets.token_hex(12)
+    config = {
+        "model_list": [
+            {"model_name": m, "litellm_params": {"model": f"openai/{m}", "api_base": u.url + "/v1", "api_key": u.key}}
+            for u in upstreams
+            for m in u.models
+        ],
+        "general_settings": {"master_key": master},
+        "litellm_settings": {"telemetry": False, "request_timeout": 600},
+    }
+    (home / "config.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {
+        **os.environ,
+        # The cost map ships with the package; without this LiteLLM fetches it at start.
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_LOG": "ERROR",
+        "NO_DOCS": "True",
+    }
+    argv = [str(PEERS / "litellm" / "bin" / "litellm"), "--config", str(home / "config.yaml"),
+            "--host", "127.0.0.1", "--port", str(port), "--num_workers", str(workers)]  # fmt: skip
+    proc = procs.start("litellm", argv, home / "litellm.log", env=env)
+    procs.wait_http(proc, f"http://127.0.0.1:{port}/health/liveliness", 180)
+    return Target("litellm", proc, master, f"http://127.0.0.1:{port}")
+
+
+def portkey(work: Path) -> Target:
+    """Portkey's open-source gateway on Node.js, headless (no console UI)."""
+    from tests.support import free_port
+
+    home = work / "portkey"
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = PEERS / "portkey" / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
+    node = shutil.which("node") or "node"
+    env = {**os.environ, "NODE_ENV": "production"}
+    proc = procs.start("portkey", [node, str(server), f"--port={port}", "--headless"], home / "portkey.log", env=env)
+    procs.wait_http(proc, f"http://127.0.0.1:{port}/", 60)
+    return Target("portkey", proc, "", f"http://127.0.0.1:{port}")
+
+
+def available_peers() -> list[str]:
+    found = []
+    if (PEERS / "litellm" / ".done").exists():
+        found.append("litellm")
+    if (PEERS / "portkey" / ".done").exists() and shutil.which("node"):
+        found.append("portkey")
+    return found
+
+
+def fast_upstream(work: Path) -> tuple[Upstream, procs.Proc]:
+    from tests.support import free_port
+
+    port = free_port()
+    argv = [sys.executable, str(ROOT / "bench" / "fast_upstream.py"), "--port", str(port)]
+    proc = procs.start("fast-upstream", argv, work / "fast-upstream.log")
+    url = f"http://127.0.0.1:{port}"
+    procs.wait_http(proc, url + "/health", 30)
+    return Upstream("fast", url, "none", ("bench", "bench-slow", "bench-trickle")), proc
+
+
+def vllm_upstream(work: Path, engine_python: str) -> tuple[Upstream, LocalEngine]:
+    """The real vLLM CPU engine serving the tiny random model, built here."""
+    from engine.local import LocalEngineConfig
+    from engine.spec import EngineSpec
+    from tests.support import free_port
+
+    model = work / "tiny"
+    subprocess.run([engine_python, str(ROOT / "engine" / "build_tiny.py"), str(model)], check=True, capture_output=True)
+    url, key = f"http://127.0.0.1:{free_port()}", secrets.token_urlsafe(24)
+    spec = EngineSpec(max_model_len=512, dtype="bfloat16")
+    engine = LocalEngine(LocalEngineConfig("tiny", engine_python, model, url, key, spec, work / "engine.log"))
+    engine.start()
+    engine.wait_healthy(600)
+    return Upstream("vllm", url, key, ("tiny",)), engine
