@@ -106,7 +106,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16, help="chunks per stream when max_tokens is not given")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before answering (every model)")
     parser.add_argument("--slow-delay", type=float, default=1.5, help="seconds before answering a '-slow' model")
-    parser.add_argument("--trickle-interval", type=float, default=1.0, help="seconds between a '-trickle' stream's chunks")
+    parser.add_argument(
+        "--trickle-interval", type=float, default=1.0, help="seconds between a '-trickle' stream's chunks"
+    )
     args = parser.parse_args()
     try:
         import uvloop

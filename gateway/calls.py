@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +22,7 @@ import structlog
 from litestar import Request, Response
 from litestar.response import Stream
 
-from gateway.audit.record import AuditRecord, detail_text
+from gateway.audit.record import AuditRecord, detail_text, new_request_id
 from gateway.audit.writer import write_quietly
 from gateway.errors import (
     AuditUnavailable,
@@ -91,7 +90,7 @@ class Call:
     @classmethod
     def begin(cls, request: Request[Any, Any, Any]) -> Call:
         call = cls(
-            request_id=uuid.uuid4().hex,
+            request_id=new_request_id(),
             method=request.method,
             route=request.url.path,
             client_addr=request.client.host if request.client else None,

@@ -26,9 +26,10 @@ def sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cur.execute("PRAGMA foreign_keys=ON")
-        # 64 MiB of page cache (the default is 2 MiB): the audit table's indexes
-        # outgrow 2 MiB within ~50,000 records, after which every insert reads
-        # and rewrites index pages from disk (bench/audit_throughput.py).
+        # 64 MiB of page cache (the default is 2 MiB): verification and audit
+        # queries scan the audit table's indexes, which outgrow 2 MiB within
+        # ~50,000 records (bench/audit_throughput.py). The gateway's own audit
+        # writer sets a smaller one (gateway.hotpath.WRITER_CACHE_KIB).
         cur.execute("PRAGMA cache_size=-65536")
         cur.close()
 

@@ -15,11 +15,13 @@ Two implementations behind one interface, chosen by the database URL:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
@@ -120,18 +122,30 @@ class AsyncHotPath:
         return None
 
 
+# The audit writer's page cache (SQLite's default is 2 MiB; other connections
+# get 64 MiB, gateway.db). SQLite keeps every page it writes until the cache is
+# full, so this bounds how much of the gateway's memory the audit table takes:
+# with time-ordered request ids (new_request_id) inserts touch only the last
+# pages of each index, and 16 MiB holds the writer's working set
+# (bench/audit_throughput.py) within the gateway's memory budget (bench/suite).
+WRITER_CACHE_KIB = 16 * 1024
+
+
 class _Lane:
     """One thread and the one SQLite connection only it uses."""
 
-    def __init__(self, engine: sa.Engine, name: str):
+    def __init__(self, engine: sa.Engine, name: str, *, cache_kib: int | None = None):
         self._engine = engine
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
         self._conn: Connection | None = None
+        self._cache_kib = cache_kib
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
         def call() -> T:
             if self._conn is None:
                 self._conn = self._engine.connect()
+                if self._cache_kib:
+                    self._conn.exec_driver_sql(f"PRAGMA cache_size=-{int(self._cache_kib)}")
             conn = self._conn
             try:
                 return fn(conn)
@@ -158,6 +172,29 @@ def _sqlite_datetime(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat(" ", "microseconds")[:26]
 
 
+class KeyRow(NamedTuple):
+    """The columns of KEY_QUERY, as the inline SQLite read returns them."""
+
+    name: str
+    role: str
+    team: str
+    secret_hash: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    can_decrypt: bool
+
+
+# KEY_QUERY's text for the driver itself (the same columns, in order).
+_INLINE_KEY_SQL = (
+    "SELECT name, role, team, secret_hash, expires_at, revoked_at, can_decrypt FROM api_keys WHERE key_id = ?"
+)
+
+
+def _parse_sqlite_datetime(value: str | None) -> datetime | None:
+    # The reverse of _sqlite_datetime: naive UTC wall time, as SQLAlchemy's own reader returns it.
+    return None if value is None else datetime.fromisoformat(value)
+
+
 def _sqlite_insert(table: sa.Table, rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[Any, ...]]]:
     """One executemany straight to the driver: SQLAlchemy's per-row bind
     processing was most of the audit writer's time (measured: bench/audit_throughput.py)."""
@@ -175,16 +212,54 @@ class ThreadedSQLiteHotPath:
         # Same file, sync pysqlite driver, the same durability pragmas.
         self._engine = sa.create_engine(url.replace("sqlite+aiosqlite://", "sqlite://", 1), poolclass=sa.pool.NullPool)
         sa.event.listen(self._engine, "connect", sqlite_pragmas(busy_timeout_ms))
-        self._writer = _Lane(self._engine, "audit-sqlite-writer")
+        self._writer = _Lane(self._engine, "audit-sqlite-writer", cache_kib=WRITER_CACHE_KIB)
         self._reader = _Lane(self._engine, "keys-sqlite-reader")
+        # Key look-ups first try a connection used on the event loop itself,
+        # which never waits for a lock (timeout 0) and only reads.
+        self._path = sa.engine.make_url(url).database or ""
+        self._inline: sqlite3.Connection | None = None
 
-    async def key_row(self, key_id: str) -> Row[Any] | None:
+    async def key_row(self, key_id: str) -> Any:
+        """A key's row, read on the event loop when the file lets it at once.
+
+        The keys table is a few pages that stay in the kernel's page cache, and
+        in WAL mode a read never waits for the audit writer: the read costs
+        tens of microseconds on the driver directly, where SQLAlchemy and a
+        hand-off to a thread and back cost more than the rest of
+        authentication (bench/suite, chat c=1). Anything that would make it
+        wait (a lock, a checkpoint's exclusive moment) or fail goes to the
+        reader thread instead, where waiting blocks no one.
+        """
+        try:
+            return self._read_inline(key_id)
+        except sqlite3.Error:
+            self._drop_inline()
+
         def fetch(conn: Connection) -> Row[Any] | None:
             row = conn.execute(KEY_QUERY, {"key_id": key_id}).first()
             conn.rollback()  # end the read transaction so the next read sees new commits
             return row
 
         return await self._reader.run(fetch)
+
+    def _read_inline(self, key_id: str) -> KeyRow | None:
+        if self._inline is None:
+            # Autocommit: each SELECT is its own read transaction and sees every commit before it.
+            conn = sqlite3.connect(self._path, timeout=0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only=1")
+            self._inline = conn
+        found = self._inline.execute(_INLINE_KEY_SQL, (key_id,)).fetchone()
+        if found is None:
+            return None
+        name, role, team, secret_hash, expires_at, revoked_at, can_decrypt = found
+        return KeyRow(name, role, team, secret_hash, _parse_sqlite_datetime(expires_at),
+                      _parse_sqlite_datetime(revoked_at), bool(can_decrypt))  # fmt: skip
+
+    def _drop_inline(self) -> None:
+        if self._inline is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._inline.close()
+            self._inline = None
 
     async def write_batch(self, batch: Batch) -> None:
         def write(conn: Connection) -> None:
@@ -208,6 +283,7 @@ class ThreadedSQLiteHotPath:
     async def close(self) -> None:
         await self._writer.close()
         await self._reader.close()
+        self._drop_inline()
         self._engine.dispose()
 
 

@@ -109,7 +109,9 @@ async def _one_stream(session: aiohttp.ClientSession, endpoint: Endpoint, body: 
     return _Stream(done, first, chunks, time.perf_counter() - t0)
 
 
-def streams(endpoint: Endpoint, body: bytes, concurrency: int, seconds: float, cpu: Callable[[], float] | None) -> Measured:
+def streams(
+    endpoint: Endpoint, body: bytes, concurrency: int, seconds: float, cpu: Callable[[], float] | None
+) -> Measured:
     """Closed loop of streamed calls; time to first token and chunks relayed.
     With `cpu` (the target's CPU seconds so far), also chunks per CPU second
     of the target: what one core of it relays."""

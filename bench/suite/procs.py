@@ -75,7 +75,9 @@ class Proc:
                 self.popen.wait()
 
 
-def start(name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
+def start(
+    name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Proc:
     with open(log, "ab") as out:
         popen = subprocess.Popen(
             list(argv), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd
@@ -88,7 +90,9 @@ def wait_http(proc: Proc, url: str, timeout: float = 120, headers: dict[str, str
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited {proc.popen.returncode}; log: {proc.log}\n{proc.log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"{proc.name} exited {proc.popen.returncode}; log: {proc.log}\n{proc.log.read_text()[-3000:]}"
+            )
         try:
             if httpx.get(url, timeout=2, headers=headers).status_code < 500:
                 return

@@ -31,7 +31,11 @@ class Scenario:
 
 
 def chat(model: str, *, max_tokens: int = 8, stream: bool = False, content: object = "Hello, how are you?") -> bytes:
-    body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+    body: dict[str, object] = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+    }
     if stream:
         body["stream"] = True
     return msgspec.json.encode(body)
@@ -62,7 +66,9 @@ def _rss(target: Target) -> Callable[[], int] | None:
     return None if proc is None else (lambda: procs.rss_bytes(proc.pid))
 
 
-def _wrk(model: str, connections: int, body: Callable[[str], bytes] = chat) -> Callable[[Target, Upstream, Options], Measured]:
+def _wrk(
+    model: str, connections: int, body: Callable[[str], bytes] = chat
+) -> Callable[[Target, Upstream, Options], Measured]:
     def run(target: Target, upstream: Upstream, opts: Options) -> Measured:
         return load.wrk(target.endpoint(upstream), body(model), connections, opts.seconds)
 

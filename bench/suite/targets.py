@@ -80,7 +80,8 @@ def bastion(upstreams: list[Upstream], work: Path, *, audit_mode: str = "strict"
     the call goes on or the answer returns), chained and checkpointed, and a
     policy with content detectors and rate limits switched on."""
     from gateway import migrate
-    from tests.support import BASTION, EngineRef, bastion as run_bastion, free_port, write_config
+    from tests.support import BASTION, EngineRef, free_port, write_config
+    from tests.support import bastion as run_bastion
 
     home = work / "bastion"
     port = free_port()
