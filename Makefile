@@ -9,7 +9,7 @@ ENGINE_VENV ?= .venv-engine
 DEMO_DIR    ?= .bastion-demo
 BASTION      = $(VENV)/bin/bastion
 
-.PHONY: setup gateway-env engine-env docker-images demo test test-local clean
+.PHONY: setup gateway-env engine-env docker-images demo test test-local bench clean
 
 setup: gateway-env engine-env
 
@@ -53,6 +53,14 @@ test: setup docker-images
 # While iterating: everything but the Docker tests, no images built.
 test-local: setup
 	BASTION_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python $(VENV)/bin/pytest -m 'not docker' $(PYTEST_ARGS)
+
+# The side-by-side benchmark suite (docs/benchmarks.md): wrk from Debian, the
+# chart's matplotlib, and the peer gateways in environments of their own.
+bench: setup
+	command -v wrk >/dev/null || apt-get install -y -q wrk
+	$(VENV)/bin/pip install -q -e '.[bench]'
+	bash bench/peers/setup.sh
+	$(VENV)/bin/python -m bench.suite $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(ENGINE_VENV) $(DEMO_DIR)

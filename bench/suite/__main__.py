@@ -112,6 +112,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bastion-suite-"))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / f"suite-{stamp}.partial.json"  # after each scenario, in case the run dies
     print(f"work folder: {work}; peers: {', '.join(peers) or 'none'}", flush=True)
     started: list[object] = []
     results: report.Results = {}
@@ -143,8 +145,13 @@ def main() -> None:
             order = all_targets[i % len(all_targets) :] + all_targets[: i % len(all_targets)]
             for target in order:
                 print(f"{scenario.name}: {target.name}...", flush=True)
-                results[scenario.name][target.name] = scenario.run(target, upstream, opts)
+                try:
+                    results[scenario.name][target.name] = scenario.run(target, upstream, opts)
+                except Exception as exc:  # one target failing a scenario is a result, not the end of the run
+                    print(f"  {scenario.name} on {target.name} failed: {type(exc).__name__}: {exc}", flush=True)
+                    results[scenario.name][target.name] = load.Measured(extra={"failed_run": 1.0})
                 time.sleep(1)  # let the last connections close
+            partial.write_text(json.dumps(report.as_json(results), indent=1))
             results[scenario.name] = {t.name: results[scenario.name][t.name] for t in all_targets}
         if args.leak_requests:
             leak, growth = leak_run(bastion, fast, args.leak_requests, 10, warmup=args.leak_requests // 4)
@@ -157,7 +164,6 @@ def main() -> None:
     print(report.table(results))
     print()
     print(report.checks_table(found))
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {"time": stamp, "machine": _machine(), "peers": _peer_versions(peers), "argv": sys.argv[1:]}
     data = {"meta": meta, "results": report.as_json(results), "leak": leak, "leak_growth": growth,
             "checks": [c.__dict__ for c in found]}  # fmt: skip
