@@ -175,10 +175,9 @@ def init(
 def require_current_schema(settings: Settings) -> None:
     """Refuse to serve on a database the code does not match (every audit write would fail)."""
     try:
-        current = migrate.current_revision(settings.database_url())
-    except Exception as exc:
-        raise CheckFailed(f"cannot read the database: {type(exc).__name__}: {exc}") from None
-    head = migrate.head_revision()
+        current, head = migrate.revisions_in_child(settings.database_url())
+    except (migrate.RevisionsUnreadable, OSError, subprocess.TimeoutExpired) as exc:
+        raise CheckFailed(f"cannot read the database: {exc}") from None
     if current != head:
         raise UsageProblem(
             f"the database is at revision {current}, this Bastion needs {head}: run `bastion db upgrade`"

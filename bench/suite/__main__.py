@@ -51,6 +51,14 @@ def _isolate() -> None:
     os.execve(unshare, argv, {**os.environ, _NETNS_FLAG: "1"})
 
 
+def _pin(cpus: set[int], on: list[Target]) -> None:
+    """Put this process (and wrk, started from it) and every target on `cpus`."""
+    os.sched_setaffinity(0, cpus)
+    for target in on:
+        if target.proc is not None:
+            procs.set_affinity(target.proc.pid, cpus)
+
+
 def leak_run(
     target: Target, upstream: Upstream, total: int, slice_seconds: float, warmup: int
 ) -> tuple[list[tuple[int, float]], float]:
@@ -97,6 +105,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--chart", type=Path, help="where to write the chart (default: OUT/suite-<time>.png)")
     parser.add_argument("--no-netns", action="store_true", help="run on the host's network namespace")
+    parser.add_argument("--shared-cores", action="store_true",  # forced on a machine with one core
+                        help="let vLLM share every core with the gateways and wrk (default: its own core)")  # fmt: skip
     args = parser.parse_args()
     if not args.no_netns:
         _isolate()
@@ -110,6 +120,14 @@ def main() -> None:
         scenarios = [s for s in scenarios if s.upstream != "vllm"]
     opts = Options(args.seconds, args.open_streams, args.rate, args.rate_seconds)
 
+    # vLLM's CPU backend spins OpenMP threads on every core it has; a gateway
+    # preempting one of them stalls the whole forward pass, so on a shared
+    # machine the "through a gateway" side measures that contention. By
+    # default the engine gets the last core, and for its scenarios everything
+    # else (gateways, wrk, this client) is kept off it.
+    cores = sorted(os.sched_getaffinity(0))
+    engine_cpus = {cores[-1]}
+    args.shared_cores = args.shared_cores or len(cores) < 2
     work = Path(tempfile.mkdtemp(prefix="bastion-suite-"))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +143,7 @@ def main() -> None:
         upstreams = [fast]
         if any(s.upstream == "vllm" for s in scenarios):
             print("starting vLLM CPU (tiny random model)...", flush=True)
-            vllm, engine = targets.vllm_upstream(work, args.engine_python)
+            vllm, engine = targets.vllm_upstream(work, args.engine_python, None if args.shared_cores else engine_cpus)
             started.append(engine)
             upstreams.append(vllm)
         by_kind = {u.kind: u for u in upstreams}
@@ -140,6 +158,8 @@ def main() -> None:
             started.append(all_targets[-1])
         for i, scenario in enumerate(scenarios):
             upstream = by_kind[scenario.upstream]
+            if not args.shared_cores:
+                _pin(set(cores) - engine_cpus if scenario.upstream == "vllm" else set(cores), all_targets)
             results[scenario.name] = {}
             # The order turns from scenario to scenario, so no target always runs first.
             order = all_targets[i % len(all_targets) :] + all_targets[: i % len(all_targets)]
@@ -153,6 +173,7 @@ def main() -> None:
                 time.sleep(1)  # let the last connections close
             partial.write_text(json.dumps(report.as_json(results), indent=1))
             results[scenario.name] = {t.name: results[scenario.name][t.name] for t in all_targets}
+        _pin(set(cores), all_targets)
         if args.leak_requests:
             leak, growth = leak_run(bastion, fast, args.leak_requests, 10, warmup=args.leak_requests // 4)
     finally:

@@ -186,6 +186,8 @@ def fixed_rate(endpoint: Endpoint, body: bytes, rate: float, seconds: float, rss
     is reported beside it); latency counts from each request's scheduled send
     time, so a client falling behind cannot hide the gateway's queueing."""
 
+    settled: list[float] = []  # answers to requests sent after the first 10 s (connections warm)
+
     async def run() -> tuple[list[float], int, float, int]:
         latencies: list[float] = []
         failed = 0
@@ -202,6 +204,8 @@ def fixed_rate(endpoint: Endpoint, body: bytes, rate: float, seconds: float, rss
                         await r.read()
                         if r.status == 200:
                             latencies.append((time.perf_counter() - scheduled) * 1000)
+                            if scheduled - start >= 10:
+                                settled.append(latencies[-1])
                             return
                 except (aiohttp.ClientError, TimeoutError):
                     pass
@@ -234,7 +238,8 @@ def fixed_rate(endpoint: Endpoint, body: bytes, rate: float, seconds: float, rss
             return latencies, failed, elapsed, peak
 
     latencies, failed, elapsed, peak = _run(run())
-    extra = {"offered_rps": rate, "drain_s": max(0.0, elapsed - seconds)}
+    extra = {"offered_rps": rate, "drain_s": max(0.0, elapsed - seconds),
+             "p99_after_10s_ms": percentile(settled, 0.99) or 0.0}  # fmt: skip
     if rss:
         extra["peak_rss_mb"] = peak / 2**20
     return Measured(len(latencies), failed, seconds, percentile(latencies, 0.5), percentile(latencies, 0.9),

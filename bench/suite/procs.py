@@ -55,6 +55,16 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Pin a process tree (every thread of every process) to `cpus`."""
+    for p in _tree(pid):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except OSError:
+                continue
+
+
 @dataclass
 class Proc:
     name: str

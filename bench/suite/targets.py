@@ -173,8 +173,9 @@ def fast_upstream(work: Path) -> tuple[Upstream, procs.Proc]:
     return Upstream("fast", url, "none", ("bench", "bench-slow", "bench-trickle")), proc
 
 
-def vllm_upstream(work: Path, engine_python: str) -> tuple[Upstream, LocalEngine]:
-    """The real vLLM CPU engine serving the tiny random model, built here."""
+def vllm_upstream(work: Path, engine_python: str, cpus: set[int] | None = None) -> tuple[Upstream, LocalEngine]:
+    """The real vLLM CPU engine serving the tiny random model, built here;
+    with `cpus`, it runs on those cores only (its OpenMP threads bound to them)."""
     from engine.local import LocalEngineConfig
     from engine.spec import EngineSpec
     from tests.support import free_port
@@ -184,6 +185,17 @@ def vllm_upstream(work: Path, engine_python: str) -> tuple[Upstream, LocalEngine
     url, key = f"http://127.0.0.1:{free_port()}", secrets.token_urlsafe(24)
     spec = EngineSpec(max_model_len=512, dtype="bfloat16")
     engine = LocalEngine(LocalEngineConfig("tiny", engine_python, model, url, key, spec, work / "engine.log"))
-    engine.start()
+    if cpus is None:
+        engine.start()
+    else:
+        # Children inherit the affinity they are started with; this process gets its own back.
+        before = os.sched_getaffinity(0)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(cpus))
+        os.sched_setaffinity(0, cpus)
+        try:
+            engine.start()
+        finally:
+            os.sched_setaffinity(0, before)
+            del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     engine.wait_healthy(600)
     return Upstream("vllm", url, key, ("tiny",)), engine

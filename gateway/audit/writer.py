@@ -54,7 +54,8 @@ class AuditWriter:
         self._batch_max = batch_max
         self._write_timeout = write_timeout
         self._pending: deque[_Pending] = deque()
-        self._wakeup = asyncio.Event()
+        # Set while the writer waits for work; resolved by the next write (or close).
+        self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         # After a failed commit the database may or may not hold the batch.
@@ -78,7 +79,7 @@ class AuditWriter:
     async def close(self) -> None:
         """Write what is queued, seal the stream with a closing record, then stop."""
         self._closing = True
-        self._wakeup.set()
+        self._wake()
         if self._task is not None:
             await self._task
 
@@ -95,7 +96,7 @@ class AuditWriter:
         # timed out by the timer) touches nobody else's; the batch skips it.
         done: asyncio.Future[None] = loop.create_future()
         self._pending.append((row_of(record), payloads, done))
-        self._wakeup.set()
+        self._wake()
         timer = loop.call_later(self._write_timeout, _time_out, done)
         try:
             await done
@@ -108,9 +109,7 @@ class AuditWriter:
                 if self._closing:
                     await self._seal()
                     return
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self._idle_wait())
+                await self._idle(self._idle_wait())
                 # A checkpoint falls due with no new records. If it fails
                 # (database down), it is retried after a pause, not in a loop.
                 due = not self._pending and not self._closing and self._idle_wait() == 0
@@ -134,6 +133,26 @@ class AuditWriter:
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _idle(self, timeout: float | None) -> None:
+        """Wait for the next write, or `timeout` seconds (a checkpoint falls due).
+
+        A bare future and a timer, not `asyncio.wait_for`: that makes a task
+        per wait, and with calls one at a time the writer waits once per record.
+        """
+        loop = asyncio.get_running_loop()
+        self._wakeup = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, self._wake)
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
 
     async def _commit(self, batch: list[_Pending], *, closing: bool = False) -> None:
         if self._anchor.behind:
