@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -184,10 +185,9 @@ class KeyRow(NamedTuple):
     can_decrypt: bool
 
 
-# KEY_QUERY's text for the driver itself (the same columns, in order).
-_INLINE_KEY_SQL = (
-    "SELECT name, role, team, secret_hash, expires_at, revoked_at, can_decrypt FROM api_keys WHERE key_id = ?"
-)
+# KEY_QUERY compiled once for the driver itself (one positional parameter: the key id).
+_INLINE_KEY_SQL = str(KEY_QUERY.compile(dialect=sqlite_dialect()))
+assert KeyRow._fields == tuple(c.name for c in KEY_QUERY.selected_columns), "KeyRow must follow KEY_QUERY"
 
 
 def _parse_sqlite_datetime(value: str | None) -> datetime | None:

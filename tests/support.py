@@ -175,6 +175,18 @@ def write_config(
     return path
 
 
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process started in a session of its own, with its whole group:
+    SIGTERM, then SIGKILL if it is still there after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @dataclass
 class Gateway:
     """A gateway process started with `bastion serve`, and ways to look at it."""
@@ -235,13 +247,8 @@ class Gateway:
         raise AssertionError(f"models still pending: {self.model_states()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            stop_group(self.proc)
 
     def create_key(self, *extra: str, name: str = "test", role: str = "user", team: str = "team-a") -> str:
         out = bastion(

@@ -109,6 +109,20 @@ async def _one_stream(session: aiohttp.ClientSession, endpoint: Endpoint, body: 
     return _Stream(done, first, chunks, time.perf_counter() - t0)
 
 
+def _measured(latencies_ms: list[float], errors: int, seconds: float, extra: dict[str, float]) -> Measured:
+    """Answered calls (one latency each) and the rest, with their percentiles."""
+    p50, p90, p99 = (percentile(latencies_ms, q) for q in (0.5, 0.9, 0.99))
+    return Measured(len(latencies_ms), errors, seconds, p50, p90, p99, extra)
+
+
+def _of_streams(results: list[_Stream], seconds: float, extra: dict[str, float]) -> Measured:
+    """Streams that ended with [DONE] are answered; time to first token over those comes first in `extra`."""
+    ok = [s for s in results if s.ok]
+    ttfts = [s.ttft * 1000 for s in ok if s.ttft is not None]
+    ttft = {"ttft_p50_ms": percentile(ttfts, 0.5) or 0.0, "ttft_p99_ms": percentile(ttfts, 0.99) or 0.0}
+    return _measured([s.seconds * 1000 for s in ok], len(results) - len(ok), seconds, {**ttft, **extra})
+
+
 def streams(
     endpoint: Endpoint, body: bytes, concurrency: int, seconds: float, cpu: Callable[[], float] | None
 ) -> Measured:
@@ -132,16 +146,11 @@ def streams(
             return results, time.perf_counter() - start, (cpu() - cpu0) if cpu else 0.0
 
     results, elapsed, cpu_used = _run(run())
-    ok = [s for s in results if s.ok]
-    ttfts = [s.ttft * 1000 for s in ok if s.ttft is not None]
     chunks = sum(s.chunks for s in results)
-    extra = {"ttft_p50_ms": percentile(ttfts, 0.5) or 0.0, "ttft_p99_ms": percentile(ttfts, 0.99) or 0.0,
-             "chunks_per_s": chunks / elapsed}  # fmt: skip
+    extra = {"chunks_per_s": chunks / elapsed}
     if cpu and cpu_used > 0:
         extra["chunks_per_cpu_s"] = chunks / cpu_used
-    latencies = [s.seconds * 1000 for s in ok]
-    return Measured(len(ok), len(results) - len(ok), elapsed, percentile(latencies, 0.5),
-                    percentile(latencies, 0.9), percentile(latencies, 0.99), extra)  # fmt: skip
+    return _of_streams(results, elapsed, extra)
 
 
 def open_streams(endpoint: Endpoint, body: bytes, count: int, rss: Callable[[], int] | None) -> Measured:
@@ -160,14 +169,7 @@ def open_streams(endpoint: Endpoint, body: bytes, count: int, rss: Callable[[], 
             return [t.result() for t in tasks], time.perf_counter() - start, peak
 
     results, elapsed, peak = _run(run())
-    ok = [s for s in results if s.ok]
-    ttfts = [s.ttft * 1000 for s in ok if s.ttft is not None]
-    extra = {"ttft_p50_ms": percentile(ttfts, 0.5) or 0.0, "ttft_p99_ms": percentile(ttfts, 0.99) or 0.0}
-    if rss:
-        extra["peak_rss_mb"] = peak / 2**20
-    latencies = [s.seconds * 1000 for s in ok]
-    return Measured(len(ok), count - len(ok), elapsed, percentile(latencies, 0.5), percentile(latencies, 0.9),
-                    percentile(latencies, 0.99), extra)  # fmt: skip
+    return _of_streams(results, elapsed, {"peak_rss_mb": peak / 2**20} if rss else {})
 
 
 # Connections the fixed-rate client may hold open at once. A target that falls
@@ -242,8 +244,7 @@ def fixed_rate(endpoint: Endpoint, body: bytes, rate: float, seconds: float, rss
              "p99_after_10s_ms": percentile(settled, 0.99) or 0.0}  # fmt: skip
     if rss:
         extra["peak_rss_mb"] = peak / 2**20
-    return Measured(len(latencies), failed, seconds, percentile(latencies, 0.5), percentile(latencies, 0.9),
-                    percentile(latencies, 0.99), extra)  # fmt: skip
+    return _measured(latencies, failed, seconds, extra)
 
 
 def _run(coro):  # type: ignore[no-untyped-def]

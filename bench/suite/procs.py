@@ -5,14 +5,15 @@ from /proc over the whole process tree (LiteLLM and vLLM start children)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from tests.support import stop_group
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -32,27 +33,30 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of the process tree (sum of each process's RSS)."""
-    total = 0
+def _over_tree(pid: int, name: str, value: Callable[[str], float]) -> float:
+    """`value` of /proc/<p>/<name>, summed over the tree (processes that exit meanwhile count 0)."""
+    total = 0.0
     for p in _tree(pid):
         try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * _PAGE
+            total += value(Path(f"/proc/{p}/{name}").read_text())
         except OSError:
             continue
     return total
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of the process tree (sum of each process's RSS)."""
+    return int(_over_tree(pid, "statm", lambda text: int(text.split()[1]) * _PAGE))
+
+
+def _cpu(stat: str) -> float:
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
 
 
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of the process tree so far."""
-    total = 0.0
-    for p in _tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-    return total
+    return _over_tree(pid, "stat", _cpu)
 
 
 def set_affinity(pid: int, cpus: set[int]) -> None:
@@ -76,13 +80,7 @@ class Proc:
         return self.popen.pid
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+        stop_group(self.popen)
 
 
 def start(
@@ -95,7 +93,7 @@ def start(
     return Proc(name, popen, log)
 
 
-def wait_http(proc: Proc, url: str, timeout: float = 120, headers: dict[str, str] | None = None) -> None:
+def wait_http(proc: Proc, url: str, timeout: float = 120) -> None:
     """Wait until `url` answers at all (any status below 500)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -104,7 +102,7 @@ def wait_http(proc: Proc, url: str, timeout: float = 120, headers: dict[str, str
                 f"{proc.name} exited {proc.popen.returncode}; log: {proc.log}\n{proc.log.read_text()[-3000:]}"
             )
         try:
-            if httpx.get(url, timeout=2, headers=headers).status_code < 500:
+            if httpx.get(url, timeout=2).status_code < 500:
                 return
         except httpx.HTTPError:
             pass

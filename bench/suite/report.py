@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.suite.load import Measured
 
@@ -118,11 +119,16 @@ def chart(results: Results, leak: list[tuple[int, float]], path: Path) -> None:
     for i, t in enumerate(targets):
         ax.bar([x + i * width for x in xs], [results[s][t].rps if t in results[s] else 0 for s in scenarios],
                width, label=t, color=colours[t])  # fmt: skip
-    ax.set_yscale("log")
-    ax.set_ylabel("answered requests/s (log)")
-    ax.set_title("Throughput per scenario (same machine, same upstream, one run)")
-    ax.set_xticks([x + width * (len(targets) - 1) / 2 for x in xs], scenarios, rotation=20, ha="right", fontsize=8)
-    ax.legend()
+    ticks = [x + width * (len(targets) - 1) / 2 for x in xs]
+
+    def per_scenario(ax: Any, title: str, ylabel: str) -> None:
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.set_xticks(ticks, scenarios, rotation=20, ha="right", fontsize=8)
+        ax.legend()
+
+    per_scenario(ax, "Throughput per scenario (same machine, same upstream, one run)", "answered requests/s (log)")
     ax = axes[1]
     for i, t in enumerate(targets):
         for s_i, s in enumerate(scenarios):
@@ -134,11 +140,7 @@ def chart(results: Results, leak: list[tuple[int, float]], path: Path) -> None:
             ax.plot([x], [m.p50_ms], "o", color=colours[t], label=t if s_i == 0 else None)
             ax.plot([x], [m.p90_ms], "_", color=colours[t], markersize=12)
             ax.plot([x], [m.p99_ms], "^", color=colours[t])
-    ax.set_yscale("log")
-    ax.set_ylabel("latency ms (log): o p50, - p90, ^ p99")
-    ax.set_title("Latency distribution per scenario")
-    ax.set_xticks([x + width * (len(targets) - 1) / 2 for x in xs], scenarios, rotation=20, ha="right", fontsize=8)
-    ax.legend()
+    per_scenario(ax, "Latency distribution per scenario", "latency ms (log): o p50, - p90, ^ p99")
     ax = axes[2]
     if leak:
         ax.plot([n for n, _ in leak], [mb for _, mb in leak], "o-", color=colours["bastion"])

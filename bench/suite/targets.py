@@ -14,7 +14,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -48,7 +48,6 @@ class Target:
     proc: procs.Proc | None = None  # None for the upstream called directly
     key: str = ""
     base_url: str = ""
-    extra_headers: dict[str, str] = field(default_factory=dict)
 
     def endpoint(self, upstream: Upstream) -> Endpoint:
         if self.proc is None:  # direct
