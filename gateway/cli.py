@@ -500,7 +500,7 @@ def _engine_python(settings: Settings) -> str:
 @config_option
 def serve(config_path: Path) -> None:
     """Run the gateway only (the engines run elsewhere)."""
-    from gateway.server import make_server
+    from gateway.server import serve as run_gateway
     from gateway.services import preflight
 
     settings = settings_from(config_path)
@@ -509,9 +509,7 @@ def serve(config_path: Path) -> None:
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
     require_current_schema(settings)
-    server = make_server(settings)
-    server.run()
-    if not server.started:
+    if not run_gateway(settings):
         raise CheckFailed("the gateway did not start (see the log above)")
 
 
@@ -524,7 +522,7 @@ def up(config_path: Path, engine_timeout: int) -> None:
     from rich.spinner import Spinner
 
     from engine.local import EngineStartError, LocalEngine, LocalEngineConfig
-    from gateway.server import make_server
+    from gateway.server import serve as run_gateway
     from gateway.services import preflight, read_engine_key
 
     settings = settings_from(config_path)
@@ -579,9 +577,7 @@ def up(config_path: Path, engine_timeout: int) -> None:
         g = settings.gateway
         scheme = "https" if g.tls_cert else "http"
         err_console.print(f"gateway: {scheme}://{g.host}:{g.port}/v1  (Ctrl-C stops everything)")
-        server = make_server(settings, verified)
-        server.run()
-        if not server.started:
+        if not run_gateway(settings, verified):
             raise CheckFailed("the gateway did not start (see the log above)")
     except EngineStartError as exc:
         raise CheckFailed(str(exc)) from None

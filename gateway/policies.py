@@ -28,7 +28,9 @@ def limiter_for(settings: Settings) -> RateLimiter:
     if rl.backend == "redis":
         from policy.redis_limits import RedisLimiter
 
-        return RedisLimiter(rl.redis_url, prefix=rl.key_prefix, timeout=rl.timeout_seconds)
+        return RedisLimiter(
+            rl.redis_url, prefix=rl.key_prefix, timeout=rl.timeout_seconds, max_connections=rl.max_connections
+        )
     return MemoryLimiter()
 
 

@@ -1,12 +1,25 @@
-"""Serve the gateway with uvicorn (uvloop + httptools), plain or TLS."""
+"""Serve the gateway with uvicorn (uvloop + httptools), plain or TLS, in one
+process or several (`gateway.workers`).
+
+Several workers share one listening socket under uvicorn's supervisor, which
+restarts a worker that dies and, on SIGHUP, replaces them one at a time (each
+replacement serving before the old one stops). Every worker is a whole gateway:
+its own audit stream, engine pool and boot verification of the models (`up`
+hands them the result of its own instead).
+"""
 
 from __future__ import annotations
 
+import functools
 import ssl
 
 import uvicorn
+from litestar import Litestar
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from engine.manifest import Verification
+from gateway import logs
 from gateway.app import create_app
 from gateway.mtls import TlsPeerProtocol
 from gateway.settings import Settings
@@ -27,8 +40,12 @@ def uvicorn_config(settings: Settings, preverified: dict[str, Verification] | No
             # Mutual TLS: no certificate from the client CA, no connection.
             tls.update(ssl_ca_certs=str(settings.path(m.client_ca)), ssl_cert_reqs=ssl.CERT_REQUIRED)
             http = TlsPeerProtocol
+    several = g.workers > 1
     return uvicorn.Config(
-        create_app(settings, preverified),
+        # A worker is a fresh process (spawned): it gets what builds the app, not the app.
+        functools.partial(worker_app, settings, preverified) if several else create_app(settings, preverified),
+        factory=several,
+        workers=g.workers,
         host=g.host,
         port=g.port,
         loop="uvloop",
@@ -43,5 +60,20 @@ def uvicorn_config(settings: Settings, preverified: dict[str, Verification] | No
     )
 
 
-def make_server(settings: Settings, preverified: dict[str, Verification] | None = None) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn_config(settings, preverified))
+def worker_app(settings: Settings, preverified: dict[str, Verification] | None) -> Litestar:
+    """The app, built inside a worker process (which also sets up its own logging)."""
+    logs.configure(settings.logging.level)
+    return create_app(settings, preverified)
+
+
+def serve(settings: Settings, preverified: dict[str, Verification] | None = None) -> bool:
+    """Serve until stopped (SIGINT or SIGTERM); False if the gateway never started."""
+    config = uvicorn_config(settings, preverified)
+    if config.workers == 1:
+        server = uvicorn.Server(config)
+        server.run()
+        return server.started
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    # The supervisor stops everything when a worker cannot start (it would fail again).
+    return all(p.exitcode != STARTUP_FAILURE for p in supervisor.processes)

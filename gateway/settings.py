@@ -41,6 +41,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # How long an idle pooled connection to an engine is kept. Keep it below the
     # engine's own keep-alive (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default).
     engine_keepalive_seconds: float = 4.0
+    # Gateway processes sharing the port (uvicorn's supervisor restarts one
+    # that dies). Each has its own audit stream and engine pool;
+    # rate limits must then be shared (policy.rate_limits.backend = "redis").
+    workers: int = 1
 
 
 class DatabaseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -98,6 +102,9 @@ class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     key_prefix: str = "bastion"
     # Seconds to wait for Redis before the call is refused (503), never let through.
     timeout_seconds: float = 0.5
+    # Connections to Redis per gateway process; a call finding all of them busy
+    # waits for one (within timeout_seconds) instead of failing at once.
+    max_connections: int = 64
 
 
 class PolicySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -354,6 +361,14 @@ def _check(settings: Settings, path: Path) -> None:
         raise ConfigError(f"{path}: deployment names repeat: {', '.join(sorted(duplicates))}")
     if bool(settings.gateway.tls_cert) != bool(settings.gateway.tls_key):
         raise ConfigError(f"{path}: gateway.tls_cert and gateway.tls_key must be set together")
+    if settings.gateway.workers < 1:
+        raise ConfigError(f"{path}: gateway.workers must be at least 1")
+    if settings.gateway.workers > 1 and settings.policy.rate_limits.backend != "redis":
+        # In-memory limits would be per process: N workers would allow N times the limit.
+        raise ConfigError(
+            f'{path}: gateway.workers = {settings.gateway.workers} needs policy.rate_limits.backend = "redis"'
+            " (limits held in memory would count each worker's calls only)"
+        )
     a = settings.audit
     if min(a.queue_max, a.batch_max, a.checkpoint_every, a.capture_max_bytes) < 1 or a.checkpoint_seconds <= 0:
         raise ConfigError(

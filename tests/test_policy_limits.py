@@ -148,3 +148,18 @@ def test_redis_unreachable_is_an_error_not_a_pass() -> None:
             await limiter.close()
 
     run(go())
+
+
+def test_redis_calls_beyond_the_pool_wait_for_a_connection() -> None:
+    """More calls in flight than connections: each waits its turn, none is refused."""
+
+    async def go() -> None:
+        limiter = RedisLimiter(REDIS_URL, prefix=f"bastion-test-{secrets.token_hex(4)}", max_connections=2)
+        try:
+            rpm = bucket("rpm:key:a", "requests", 1000)
+            results = await asyncio.gather(*(limiter.acquire((rpm,), str(i)) for i in range(200)))
+            assert all(a.allowed for a in results)
+        finally:
+            await limiter.close()
+
+    run(go())

@@ -98,6 +98,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only the scenarios whose names start with these")
     parser.add_argument("--no-vllm", action="store_true", help="skip the scenarios on the real vLLM CPU engine")
     parser.add_argument("--leak-requests", type=int, help="requests in the leak run (default 100,000; 0 skips it)")
+    parser.add_argument(
+        "--bastion-workers",
+        type=int,
+        default=1,
+        help="also run a Bastion with this many worker processes (limits in a Redis of the run's own)",
+    )
     parser.add_argument("--open-streams", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=500, help="the published benchmark's offered requests/s")
     parser.add_argument("--rate-seconds", type=float, default=60)
@@ -150,6 +156,12 @@ def main() -> None:
         bastion = targets.bastion(upstreams, work)
         started.append(bastion)
         all_targets = [targets.direct(), bastion]
+        if args.bastion_workers > 1:
+            redis_url, redis_proc = targets.redis(work)
+            started.append(redis_proc)
+            several = targets.bastion(upstreams, work, workers=args.bastion_workers, redis_url=redis_url)
+            all_targets.append(several)
+            started.append(several)
         if "litellm" in peers:
             all_targets.append(targets.litellm(upstreams, work))
             started.append(all_targets[-1])
@@ -160,19 +172,23 @@ def main() -> None:
             upstream = by_kind[scenario.upstream]
             if not args.shared_cores:
                 _pin(set(cores) - engine_cpus if scenario.upstream == "vllm" else set(cores), all_targets)
-            results[scenario.name] = {}
-            # The order turns from scenario to scenario, so no target always runs first.
-            order = all_targets[i % len(all_targets) :] + all_targets[: i % len(all_targets)]
-            for target in order:
-                print(f"{scenario.name}: {target.name}...", flush=True)
-                try:
-                    results[scenario.name][target.name] = scenario.run(target, upstream, opts)
-                except Exception as exc:  # one target failing a scenario is a result, not the end of the run
-                    print(f"  {scenario.name} on {target.name} failed: {type(exc).__name__}: {exc}", flush=True)
-                    results[scenario.name][target.name] = load.Measured(extra={"failed_run": 1.0})
-                time.sleep(1)  # let the last connections close
+            runs: dict[str, list[load.Measured]] = {t.name: [] for t in all_targets}
+            for r in range(scenario.rounds):
+                # The order turns from scenario to scenario and round to round,
+                # so no target always runs first.
+                turn = (i + r) % len(all_targets)
+                for target in all_targets[turn:] + all_targets[:turn]:
+                    print(f"{scenario.name}: {target.name}{_round(r, scenario.rounds)}...", flush=True)
+                    try:
+                        runs[target.name].append(scenario.run(target, upstream, opts))
+                    except Exception as exc:  # one target failing a scenario is a result, not the end of the run
+                        print(f"  {scenario.name} on {target.name} failed: {type(exc).__name__}: {exc}", flush=True)
+                        runs[target.name].append(load.Measured(extra={"failed_run": 1.0}))
+                    time.sleep(1)  # let the last connections close
+            results[scenario.name] = {
+                name: measured[0] if len(measured) == 1 else load.combined(measured) for name, measured in runs.items()
+            }
             partial.write_text(json.dumps(report.as_json(results), indent=1))
-            results[scenario.name] = {t.name: results[scenario.name][t.name] for t in all_targets}
         _pin(set(cores), all_targets)
         if args.leak_requests:
             leak, growth = leak_run(bastion, fast, args.leak_requests, 10, warmup=args.leak_requests // 4)
@@ -192,6 +208,10 @@ def main() -> None:
     chart = args.chart or args.out / f"suite-{stamp}.png"
     report.chart(results, leak, chart)
     print(f"\nresults: {args.out / f'suite-{stamp}.json'}; chart: {chart}")
+
+
+def _round(r: int, rounds: int) -> str:
+    return f" (round {r + 1} of {rounds})" if rounds > 1 else ""
 
 
 def _machine() -> str:

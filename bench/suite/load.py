@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.suite import procs
 from bench.suite.targets import Endpoint
 
 WRK_SCRIPT = Path(__file__).with_name("wrk.lua")
@@ -37,6 +38,27 @@ class Measured:
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+
+def combined(runs: list[Measured]) -> Measured:
+    """Rounds of one scenario on one target as one result: counts and time
+    summed (so req/s is over all rounds), each percentile the median of the
+    rounds' own."""
+
+    def median(values: list[float | None]) -> float | None:
+        known = sorted(v for v in values if v is not None)
+        return known[len(known) // 2] if known else None
+
+    failed = sum(1 for r in runs if r.extra.get("failed_run"))
+    return Measured(
+        requests=sum(r.requests for r in runs),
+        errors=sum(r.errors for r in runs),
+        seconds=sum(r.seconds for r in runs),
+        p50_ms=median([r.p50_ms for r in runs]),
+        p90_ms=median([r.p90_ms for r in runs]),
+        p99_ms=median([r.p99_ms for r in runs]),
+        extra={"rounds": float(len(runs))} | ({"failed_run": float(failed)} if failed else {}),
+    )
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -180,13 +202,17 @@ MAX_OPEN = 4000
 
 
 def fixed_rate(endpoint: Endpoint, body: bytes, rate: float, seconds: float, rss: Callable[[], int] | None,
-               timeout: float = 120) -> Measured:  # fmt: skip
+               cpu: Callable[[], float] | None = None, timeout: float = 120) -> Measured:  # fmt: skip
     """Open loop: one request every 1/rate seconds whatever the answers do (as
     the published gateway benchmark offers its load), each given `timeout`.
     Sustained throughput is answers with 200 over the offered duration (all
     30,000 of 500/s for 60 s answered is 500/s; the drain after the last send
     is reported beside it); latency counts from each request's scheduled send
-    time, so a client falling behind cannot hide the gateway's queueing."""
+    time, so a client falling behind cannot hide the gateway's queueing.
+
+    Where the cores went is reported too (busy cores over the run): the
+    target's process, this client, and the whole machine (the rest is the
+    upstream and everything else), since all of them share the same cores."""
 
     settled: list[float] = []  # answers to requests sent after the first 10 s (connections warm)
 
@@ -239,9 +265,15 @@ def fixed_rate(endpoint: Endpoint, body: bytes, rate: float, seconds: float, rss
             await sampler
             return latencies, failed, elapsed, peak
 
+    before = (time.perf_counter(), time.process_time(), procs.machine_busy_seconds(), cpu() if cpu else 0.0)
     latencies, failed, elapsed, peak = _run(run())
+    wall = time.perf_counter() - before[0]
     extra = {"offered_rps": rate, "drain_s": max(0.0, elapsed - seconds),
-             "p99_after_10s_ms": percentile(settled, 0.99) or 0.0}  # fmt: skip
+             "p99_after_10s_ms": percentile(settled, 0.99) or 0.0,
+             "client_cores": (time.process_time() - before[1]) / wall,
+             "machine_cores": (procs.machine_busy_seconds() - before[2]) / wall}  # fmt: skip
+    if cpu:
+        extra["target_cores"] = (cpu() - before[3]) / wall
     if rss:
         extra["peak_rss_mb"] = peak / 2**20
     return _measured(latencies, failed, seconds, extra)

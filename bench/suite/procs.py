@@ -59,6 +59,13 @@ def cpu_seconds(pid: int) -> float:
     return _over_tree(pid, "stat", _cpu)
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every core has spent not idle since boot (/proc/stat), in seconds."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def set_affinity(pid: int, cpus: set[int]) -> None:
     """Pin a process tree (every thread of every process) to `cpus`."""
     for p in _tree(pid):

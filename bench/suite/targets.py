@@ -12,8 +12,10 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,15 +76,20 @@ def direct() -> Target:
 SUITE_POLICY = ROOT / "bench" / "suite" / "policy.yaml"
 
 
-def bastion(upstreams: list[Upstream], work: Path, *, audit_mode: str = "strict") -> Target:
+def bastion(
+    upstreams: list[Upstream], work: Path, *, audit_mode: str = "strict", workers: int = 1, redis_url: str = ""
+) -> Target:
     """`bastion serve` on SQLite with strict audit (every record durable before
     the call goes on or the answer returns), chained and checkpointed, and a
-    policy with content detectors and rate limits switched on."""
+    policy with content detectors and rate limits switched on. With several
+    workers the rate limits are held in Redis (`redis_url`), as they must be."""
     from gateway import migrate
     from tests.support import BASTION, EngineRef, free_port, write_config
     from tests.support import bastion as run_bastion
 
-    home = work / "bastion"
+    name = "bastion" if workers == 1 else f"bastion x{workers}"
+    limits = {"backend": "memory"} if workers == 1 else {"backend": "redis", "redis_url": redis_url}
+    home = work / name.replace(" ", "-")
     port = free_port()
     db_url = f"sqlite+aiosqlite:///{home / 'state' / 'bastion.db'}"
     engines = [EngineRef(m, u.url, u.key) for u in upstreams for m in u.models]
@@ -92,17 +99,35 @@ def bastion(upstreams: list[Upstream], work: Path, *, audit_mode: str = "strict"
         database_url=db_url,
         engines=engines,
         # Every open stream of the scenarios holds one engine connection.
-        gateway={"engine_pool_size": 4096},
+        gateway={"engine_pool_size": 4096, "workers": workers},
         audit={"mode": audit_mode},
         policy=SUITE_POLICY.read_text(),
-        policy_settings={"rate_limits": {"backend": "memory"}},
+        policy_settings={"rate_limits": limits},
     )
     migrate.upgrade(db_url)
     created = run_bastion("keys", "create", "--config", str(config), "--name", "bench", "--team", "default", "--json")
     key = json.loads(created.stdout)["key"]
     proc = procs.start("bastion", [BASTION, "serve", "--config", str(config)], home / "gateway.log")
     procs.wait_http(proc, f"http://127.0.0.1:{port}/healthz", 60)
-    return Target("bastion", proc, key, f"http://127.0.0.1:{port}")
+    return Target(name, proc, key, f"http://127.0.0.1:{port}")
+
+
+def redis(work: Path) -> tuple[str, procs.Proc]:
+    """A Redis of the run's own (no persistence), for the limits of a Bastion with several workers."""
+    from tests.support import free_port
+
+    port = free_port()
+    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    proc = procs.start("redis", argv, work / "redis.log")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return f"redis://127.0.0.1:{port}/0", proc
+        except OSError:
+            if time.monotonic() > deadline or proc.popen.poll() is not None:
+                raise RuntimeError(f"redis-server did not start: {proc.log.read_text()[-500:]}") from None
+            time.sleep(0.1)
 
 
 def litellm(upstreams: list[Upstream], work: Path, *, workers: int = 1) -> Target:
