@@ -42,8 +42,8 @@ class Measured:
 
 def combined(runs: list[Measured]) -> Measured:
     """Rounds of one scenario on one target as one result: counts and time
-    summed (so req/s is over all rounds), each percentile the median of the
-    rounds' own."""
+    summed (so req/s is over all rounds), each percentile and each other
+    figure (time to first token, chunks/s) the median of the rounds' own."""
 
     def median(values: list[float | None]) -> float | None:
         known = sorted(v for v in values if v is not None)
@@ -57,7 +57,9 @@ def combined(runs: list[Measured]) -> Measured:
         p50_ms=median([r.p50_ms for r in runs]),
         p90_ms=median([r.p90_ms for r in runs]),
         p99_ms=median([r.p99_ms for r in runs]),
-        extra={"rounds": float(len(runs))} | ({"failed_run": float(failed)} if failed else {}),
+        extra={name: median([r.extra.get(name) for r in runs]) or 0.0 for r in runs for name in r.extra}
+        | {"rounds": float(len(runs))}
+        | ({"failed_run": float(failed)} if failed else {}),
     )
 
 
