@@ -50,6 +50,7 @@ def combined(runs: list[Measured]) -> Measured:
         return known[len(known) // 2] if known else None
 
     failed = sum(1 for r in runs if r.extra.get("failed_run"))
+    names = dict.fromkeys(name for r in runs for name in r.extra)  # every round's, in first-seen order
     return Measured(
         requests=sum(r.requests for r in runs),
         errors=sum(r.errors for r in runs),
@@ -57,7 +58,7 @@ def combined(runs: list[Measured]) -> Measured:
         p50_ms=median([r.p50_ms for r in runs]),
         p90_ms=median([r.p90_ms for r in runs]),
         p99_ms=median([r.p99_ms for r in runs]),
-        extra={name: median([r.extra.get(name) for r in runs]) or 0.0 for r in runs for name in r.extra}
+        extra={name: median([r.extra.get(name) for r in runs]) or 0.0 for name in names}
         | {"rounds": float(len(runs))}
         | ({"failed_run": float(failed)} if failed else {}),
     )

@@ -63,7 +63,7 @@ def machine_busy_seconds() -> float:
     """CPU time every core has spent not idle since boot (/proc/stat), in seconds."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:8]) - idle) / _TICKS
 
 
 def set_affinity(pid: int, cpus: set[int]) -> None:

@@ -114,7 +114,7 @@ def chart(results: Results, leak: list[tuple[int, float]], path: Path) -> None:
     # Variants of a target (e.g. "bastion x2") sort after it.
     targets = sorted({t for by in results.values() for t in by}, key=lambda t: (order.index(t.split()[0]), t))
     base = {"direct": "#888888", "bastion": "#1f6feb", "litellm": "#d9822b", "portkey": "#2da44e"}
-    colours = {t: base.get(t, "#0a3069") for t in targets} | base
+    colours = base | {t: "#0a3069" for t in targets if t not in base}
     fig, axes = plt.subplots(3, 1, figsize=(13, 14))
     width = 0.8 / max(1, len(targets))
     xs = range(len(scenarios))
