@@ -425,38 +425,34 @@ class _StreamChunk(msgspec.Struct, frozen=True):
 _chunk_decoder = msgspec.json.Decoder(_StreamChunk)
 
 
+# vLLM's last event of a stream. It is held back until the call's final record is committed.
+_DONE = b"data: [DONE]"
+
+
 async def _relay(
     svc: Services, call: Call, stream: EngineStream, body: bytes, lease: Lease | None, *, strip_usage: bool
 ) -> AsyncIterator[bytes]:
-    """Relay the engine's events one by one; audit the outcome when the stream ends."""
+    """Relay the engine's events one by one, then audit the outcome.
+
+    The stream's last event (`data: [DONE]`, or the error event when the
+    engine broke off) is sent only once the final record is committed, as a
+    non-streamed answer is: a client that saw a stream end can rely on its
+    record, and its next call never queues behind it at the writer. If that
+    record cannot be written, the client gets an `audit_unavailable` error
+    event instead of `[DONE]`. A client that goes away mid-stream leaves a
+    `client_closed` record, written by a task (this generator is being closed).
+    """
     digest = hashlib.sha256()
     # Encrypted capture keeps what was sent, up to the capture limit.
     kept: list[bytes] | None = [] if call.capture == "encrypted" else None
     room = svc.settings.audit.capture_max_bytes + 1
     usage: Usage | None = None
     outcome, error_type, error_message = "client_closed", None, None
-    try:
-        async for event in stream.events():
-            if b'"usage":{' in event and event.startswith(b"data: "):
-                chunk = _chunk_decoder.decode(event[6:])
-                usage = chunk.usage or usage
-                if strip_usage and not chunk.choices:
-                    continue  # the usage chunk the gateway asked for, not the client
-            if call.strip_reasoning:
-                event = event_without_reasoning(event)
-            digest.update(event)
-            if kept is not None and room > 0:
-                kept.append(event[:room])
-                room -= len(kept[-1])
-            yield event
-        outcome = "ok"
-    except GatewayError as err:
-        outcome, error_type, error_message = "error", err.audit_reason, err.message
-        event = b"data: " + err.body() + b"\n\n"
-        digest.update(event)
-        yield event
-    finally:
-        record = call.final(
+    closing: bytes | None = None
+    recorded = False
+
+    def final_record() -> AuditRecord:
+        return call.final(
             outcome=outcome,
             http_status=200,
             error_type=error_type,
@@ -465,11 +461,50 @@ async def _relay(
             completion_tokens=usage.completion_tokens if usage else None,
             response_sha256=None if call.capture == "none" else digest.hexdigest(),
         )
+
+    def sent(event: bytes) -> bytes:
+        nonlocal room
+        digest.update(event)
+        if kept is not None and room > 0:
+            kept.append(event[:room])
+            room -= len(kept[-1])
+        return event
+
+    try:
+        try:
+            async for event in stream.events():
+                if event.startswith(_DONE):
+                    closing = event
+                    continue
+                if b'"usage":{' in event and event.startswith(b"data: "):
+                    chunk = _chunk_decoder.decode(event[6:])
+                    usage = chunk.usage or usage
+                    if strip_usage and not chunk.choices:
+                        continue  # the usage chunk the gateway asked for, not the client
+                if call.strip_reasoning:
+                    event = event_without_reasoning(event)
+                yield sent(event)
+            outcome = "ok"
+        except GatewayError as err:
+            outcome, error_type, error_message = "error", err.audit_reason, err.message
+            closing = b"data: " + err.body() + b"\n\n"
+        if closing is not None:
+            sent(closing)
+        # Handed to the writer: from here the record lands even if the client goes away.
+        recorded = True
+        try:
+            await svc.audit.write(final_record(), _captured(svc, call, body, b"".join(kept or [])))
+        except AuditUnavailable as err:
+            closing = b"data: " + err.body() + b"\n\n"
+        if closing is not None:
+            yield closing
+    finally:
         # Closing drops the engine connection, so a client that went away
-        # aborts the engine's work too. The record is written by a task, not an
-        # await: this generator may be being cancelled, and the record must land.
+        # aborts the engine's work too. That record is written by a task, not an
+        # await: this generator is being closed, and the record must land.
         stream.close()
-        svc.spawn(write_quietly(svc.audit, record, _captured(svc, call, body, b"".join(kept or []))))
+        if not recorded:
+            svc.spawn(write_quietly(svc.audit, final_record(), _captured(svc, call, body, b"".join(kept or []))))
         if lease is not None:
             svc.spawn(settle(svc, lease, usage.prompt_tokens + usage.completion_tokens if usage else None))
 

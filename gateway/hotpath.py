@@ -4,28 +4,31 @@ Two implementations behind one interface, chosen by the database URL:
 
 - PostgreSQL: SQLAlchemy Core over the async engine (asyncpg is natively
   async, so a statement costs no thread hand-off).
-- SQLite: SQLAlchemy Core over a *sync* engine, each statement run whole on a
+- SQLite: the sqlite3 driver itself, each piece of work run whole on a
   dedicated thread (one for writes, so batches stay in order and share one
-  fsync; one for reads). aiosqlite hands every cursor call (execute, fetch,
-  close, the pool's rollback) to its thread separately; measured on this
-  2-core machine that made a key look-up 0.8 ms and a durable audit write
-  0.7-1.5 ms. One hand-off per statement is what the latency budget allows.
+  fsync; one for reads), with SQL compiled once from the same SQLAlchemy
+  statements. aiosqlite hands every cursor call (execute, fetch, close, the
+  pool's rollback) to its thread separately; measured on this 2-core machine
+  that made a key look-up 0.8 ms and a durable audit write 0.7-1.5 ms. One
+  hand-off per batch is what the latency budget allows, and the thread holds
+  the GIL only for the few lines around the driver's calls (which release it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.audit.record import GENESIS
@@ -85,14 +88,14 @@ def _tail_queries(stream_id: str) -> tuple[sa.Select[Any], sa.Select[Any]]:
     return last, checkpointed
 
 
-def _tail(last: Row[Any] | None, checkpointed: int | None) -> StreamTail:
-    if last is None:
-        return StreamTail(0, GENESIS, -1 if checkpointed is None else checkpointed)
-    return StreamTail(last.seq, last.record_hash, -1 if checkpointed is None else checkpointed)
+def _tail(last: Sequence[Any] | None, checkpointed: int | None) -> StreamTail:
+    """The tail from the two _tail_queries' answers: (seq, record_hash) of the last record, the last checkpoint."""
+    done = -1 if checkpointed is None else checkpointed
+    return StreamTail(0, GENESIS, done) if last is None else StreamTail(last[0], last[1], done)
 
 
 class HotPath(Protocol):
-    async def key_row(self, key_id: str) -> Row[Any] | None: ...
+    async def key_row(self, key_id: str) -> KeyRow | Row[Any] | None: ...
 
     async def write_batch(self, batch: Batch) -> None: ...
 
@@ -131,40 +134,71 @@ class AsyncHotPath:
 # (bench/audit_throughput.py) within the gateway's memory budget (bench/suite).
 WRITER_CACHE_KIB = 16 * 1024
 
+_Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
+def _answer(done: asyncio.Future[T], result: T) -> None:
+    if not done.done():  # the caller may have given up (cancelled)
+        done.set_result(result)
+
+
+def _fail(done: asyncio.Future[Any], exc: BaseException) -> None:
+    if not done.done():
+        done.set_exception(exc)
+
 
 class _Lane:
-    """One thread and the one SQLite connection only it uses."""
+    """One thread and the one SQLite connection only it uses.
 
-    def __init__(self, engine: sa.Engine, name: str, *, cache_kib: int | None = None):
-        self._engine = engine
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._conn: Connection | None = None
-        self._cache_kib = cache_kib
+    Work goes to the thread on a SimpleQueue and comes back through
+    `call_soon_threadsafe` on an asyncio future: one wake-up each way.
+    `run_in_executor` adds a concurrent.futures future chained to an asyncio
+    one, and SQLAlchemy's Connection its own layers, to every audit write:
+    together about 0.1 ms of a 0.5-0.6 ms durable write on this machine
+    (bench/audit_latency.py).
+    """
 
-    async def run(self, fn: Callable[[Connection], T]) -> T:
-        def call() -> T:
-            if self._conn is None:
-                self._conn = self._engine.connect()
-                if self._cache_kib:
-                    self._conn.exec_driver_sql(f"PRAGMA cache_size=-{int(self._cache_kib)}")
-            conn = self._conn
+    def __init__(self, connect: Callable[[], sqlite3.Connection], name: str):
+        self._connect = connect
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, loop, done))
+        return await done
+
+    def _serve(self) -> None:
+        conn: sqlite3.Connection | None = None
+        while (job := self._jobs.get()) is not None:
+            fn, loop, done = job
             try:
-                return fn(conn)
-            except BaseException:
-                # A broken connection is dropped; the next statement opens a new one.
-                self._conn = None
-                conn.invalidate()
-                raise
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+                if conn is None:
+                    conn = self._connect()
+                result = fn(conn)
+            except BaseException as exc:
+                # A broken connection is dropped (rolling back what it held);
+                # the next job opens a new one.
+                if conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+                conn = None
+                _reply(loop, _fail, done, exc)
+            else:
+                _reply(loop, _answer, done, result)
+        if conn is not None:
+            conn.close()
 
     async def close(self) -> None:
-        def close_conn() -> None:
-            if self._conn is not None:
-                self._conn.close()
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
 
-        await asyncio.get_running_loop().run_in_executor(self._pool, close_conn)
-        self._pool.shutdown()
+
+def _reply(loop: asyncio.AbstractEventLoop, how: Callable[..., None], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+        loop.call_soon_threadsafe(how, *args)
 
 
 def _sqlite_datetime(value: datetime | None) -> str | None:
@@ -173,8 +207,13 @@ def _sqlite_datetime(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat(" ", "microseconds")[:26]
 
 
+def _parse_sqlite_datetime(value: str | None) -> datetime | None:
+    # The reverse of _sqlite_datetime: naive UTC wall time, as SQLAlchemy's own reader returns it.
+    return None if value is None else datetime.fromisoformat(value)
+
+
 class KeyRow(NamedTuple):
-    """The columns of KEY_QUERY, as the inline SQLite read returns them."""
+    """The columns of KEY_QUERY, as the SQLite driver's read returns them."""
 
     name: str
     role: str
@@ -185,14 +224,25 @@ class KeyRow(NamedTuple):
     can_decrypt: bool
 
 
-# KEY_QUERY compiled once for the driver itself (one positional parameter: the key id).
-_INLINE_KEY_SQL = str(KEY_QUERY.compile(dialect=sqlite_dialect()))
+def _driver_sql(query: sa.Select[Any]) -> tuple[str, list[str], dict[str, Any]]:
+    """A statement compiled once for the sqlite3 driver: its SQL, the order of
+    its positional parameters, and the values bound in the statement itself."""
+    compiled = query.compile(dialect=sqlite_dialect())
+    return str(compiled), list(compiled.positiontup or ()), dict(compiled.params)
+
+
+_KEY_SQL, _KEY_PARAMS, _ = _driver_sql(KEY_QUERY)
+assert _KEY_PARAMS == ["key_id"], "KEY_QUERY takes the key id only"
 assert KeyRow._fields == tuple(c.name for c in KEY_QUERY.selected_columns), "KeyRow must follow KEY_QUERY"
 
 
-def _parse_sqlite_datetime(value: str | None) -> datetime | None:
-    # The reverse of _sqlite_datetime: naive UTC wall time, as SQLAlchemy's own reader returns it.
-    return None if value is None else datetime.fromisoformat(value)
+def _read_key(conn: sqlite3.Connection, key_id: str) -> KeyRow | None:
+    found = conn.execute(_KEY_SQL, (key_id,)).fetchone()
+    if found is None:
+        return None
+    name, role, team, secret_hash, expires_at, revoked_at, can_decrypt = found
+    return KeyRow(name, role, team, secret_hash, _parse_sqlite_datetime(expires_at),
+                  _parse_sqlite_datetime(revoked_at), bool(can_decrypt))  # fmt: skip
 
 
 def _sqlite_insert(table: sa.Table, rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[Any, ...]]]:
@@ -207,53 +257,55 @@ def _sqlite_insert(table: sa.Table, rows: Sequence[dict[str, Any]]) -> tuple[str
     return statement, params
 
 
+def _read_tail(conn: sqlite3.Connection, stream_id: str) -> StreamTail:
+    last, checkpointed = (_driver_sql(q) for q in _tail_queries(stream_id))
+
+    def fetch(sql: str, order: list[str], bound: dict[str, Any]) -> Any:
+        return conn.execute(sql, tuple(bound[name] for name in order)).fetchone()
+
+    return _tail(fetch(*last), fetch(*checkpointed)[0])
+
+
 class ThreadedSQLiteHotPath:
     def __init__(self, url: str, *, busy_timeout_ms: int):
-        # Same file, sync pysqlite driver, the same durability pragmas.
-        self._engine = sa.create_engine(url.replace("sqlite+aiosqlite://", "sqlite://", 1), poolclass=sa.pool.NullPool)
-        sa.event.listen(self._engine, "connect", sqlite_pragmas(busy_timeout_ms))
-        self._writer = _Lane(self._engine, "audit-sqlite-writer", cache_kib=WRITER_CACHE_KIB)
-        self._reader = _Lane(self._engine, "keys-sqlite-reader")
+        self._path = sa.engine.make_url(url).database or ""
+        self._busy_timeout_ms = busy_timeout_ms
+        self._writer = _Lane(lambda: self._connect(cache_kib=WRITER_CACHE_KIB), "audit-sqlite-writer")
+        self._reader = _Lane(lambda: self._connect(query_only=True), "keys-sqlite-reader")
         # Key look-ups first try a connection used on the event loop itself,
         # which never waits for a lock (timeout 0) and only reads.
-        self._path = sa.engine.make_url(url).database or ""
         self._inline: sqlite3.Connection | None = None
 
-    async def key_row(self, key_id: str) -> Any:
+    def _connect(self, *, cache_kib: int | None = None, query_only: bool = False) -> sqlite3.Connection:
+        # The same durability pragmas as every other connection (gateway.db).
+        conn = sqlite3.connect(self._path, timeout=self._busy_timeout_ms / 1000)
+        sqlite_pragmas(self._busy_timeout_ms)(conn, None)
+        if cache_kib:
+            conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+        if query_only:
+            conn.execute("PRAGMA query_only=1")
+        return conn
+
+    async def key_row(self, key_id: str) -> KeyRow | None:
         """A key's row, read on the event loop when the file lets it at once.
 
         The keys table is a few pages that stay in the kernel's page cache, and
         in WAL mode a read never waits for the audit writer: the read costs
-        tens of microseconds on the driver directly, where SQLAlchemy and a
-        hand-off to a thread and back cost more than the rest of
-        authentication (bench/suite, chat c=1). Anything that would make it
-        wait (a lock, a checkpoint's exclusive moment) or fail goes to the
-        reader thread instead, where waiting blocks no one.
+        tens of microseconds on the driver directly, where a hand-off to a
+        thread and back costs more than the rest of authentication
+        (bench/suite, chat c=1). Anything that would make it wait (a lock, a
+        checkpoint's exclusive moment) or fail goes to the reader thread
+        instead, where waiting blocks no one.
         """
         try:
-            return self._read_inline(key_id)
+            if self._inline is None:
+                # Autocommit: each SELECT is its own read transaction and sees every commit before it.
+                self._inline = sqlite3.connect(self._path, timeout=0, isolation_level=None, check_same_thread=False)
+                self._inline.execute("PRAGMA query_only=1")
+            return _read_key(self._inline, key_id)
         except sqlite3.Error:
             self._drop_inline()
-
-        def fetch(conn: Connection) -> Row[Any] | None:
-            row = conn.execute(KEY_QUERY, {"key_id": key_id}).first()
-            conn.rollback()  # end the read transaction so the next read sees new commits
-            return row
-
-        return await self._reader.run(fetch)
-
-    def _read_inline(self, key_id: str) -> KeyRow | None:
-        if self._inline is None:
-            # Autocommit: each SELECT is its own read transaction and sees every commit before it.
-            conn = sqlite3.connect(self._path, timeout=0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA query_only=1")
-            self._inline = conn
-        found = self._inline.execute(_INLINE_KEY_SQL, (key_id,)).fetchone()
-        if found is None:
-            return None
-        name, role, team, secret_hash, expires_at, revoked_at, can_decrypt = found
-        return KeyRow(name, role, team, secret_hash, _parse_sqlite_datetime(expires_at),
-                      _parse_sqlite_datetime(revoked_at), bool(can_decrypt))  # fmt: skip
+        return await self._reader.run(lambda conn: _read_key(conn, key_id))
 
     def _drop_inline(self) -> None:
         if self._inline is not None:
@@ -262,29 +314,22 @@ class ThreadedSQLiteHotPath:
             self._inline = None
 
     async def write_batch(self, batch: Batch) -> None:
-        def write(conn: Connection) -> None:
-            for table, rows in _statements(batch):
-                statement, params = _sqlite_insert(table, rows)
-                conn.exec_driver_sql(statement, params)
-            conn.commit()
+        statements = [_sqlite_insert(table, rows) for table, rows in _statements(batch)]
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:  # one transaction: committed (fsync), or rolled back on any error
+                for statement, params in statements:
+                    conn.executemany(statement, params)
 
         await self._writer.run(write)
 
     async def stream_tail(self, stream_id: str) -> StreamTail:
-        last, checkpointed = _tail_queries(stream_id)
-
-        def read(conn: Connection) -> StreamTail:
-            tail = _tail(conn.execute(last).first(), conn.execute(checkpointed).scalar())
-            conn.rollback()
-            return tail
-
-        return await self._writer.run(read)
+        return await self._writer.run(lambda conn: _read_tail(conn, stream_id))
 
     async def close(self) -> None:
         await self._writer.close()
         await self._reader.close()
         self._drop_inline()
-        self._engine.dispose()
 
 
 def hot_path_for(url: str, engine: AsyncEngine, *, busy_timeout_ms: int) -> HotPath:

@@ -322,11 +322,14 @@ class SocketDouble:
     mode "hang": accept, read, never answer (an engine too slow to answer).
     mode "break": answer 200 with one SSE event, then drop the connection.
     mode "close": read the request, then close without a word.
+    mode "gated": answer 200 with one SSE event, wait until `gate` is set, then
+    end the stream with `data: [DONE]` as vLLM does.
     It records request lines, so a test can prove no call reached the engine.
     """
 
     def __init__(self, mode: str = "hang"):
         self.mode = mode
+        self.gate = threading.Event()
         self.request_lines: list[bytes] = []
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
@@ -358,18 +361,21 @@ class SocketDouble:
             self.request_lines.append(head.split(b"\r\n", 1)[0])
             if self.mode == "close":
                 conn.close()
-            elif self.mode == "break":
+            elif self.mode in ("break", "gated"):
                 event = (
                     b'data: {"id":"x","object":"chat.completion.chunk",'
                     b'"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
                 )
                 conn.sendall(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                    + f"{len(event):x}\r\n".encode()
-                    + event
-                    + b"\r\n"
+                    + _chunk(event)
                 )
-                time.sleep(0.2)
+                if self.mode == "gated":
+                    self.gate.wait(30)
+                    conn.sendall(_chunk(b"data: [DONE]\n\n") + _chunk(b""))
+                    conn.recv(1)  # until the gateway lets the connection go
+                else:
+                    time.sleep(0.2)
                 conn.close()
         except OSError:
             pass
@@ -381,10 +387,16 @@ class SocketDouble:
 
     def close(self) -> None:
         self._stop.set()
+        self.gate.set()
         self._sock.close()
         for c in self._conns:
             with contextlib.suppress(OSError):
                 c.close()
+
+
+def _chunk(data: bytes) -> bytes:
+    """One piece of an HTTP/1.1 chunked body (an empty one ends the body)."""
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
 class TcpProxy:

@@ -9,9 +9,12 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -112,6 +115,84 @@ def sqlite_write_lock(db_path: str) -> Iterator[None]:
     finally:
         holder.terminate()
         holder.wait()
+
+
+class _StreamReader:
+    """Reads a streamed call on a thread of its own, noting when the stream's end arrived."""
+
+    def __init__(self, gw: Gateway, key: str):
+        self._gw, self._key = gw, key
+        self.first_event = threading.Event()
+        self.body = b""
+        self.request_id = ""
+        self.ended_at = 0.0
+        self.records_at_end: list[dict[str, Any]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with httpx.stream(
+            "POST", self._gw.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+            headers={"authorization": f"Bearer {self._key}"}, timeout=30,
+        ) as r:  # fmt: skip
+            self.request_id = r.headers["x-request-id"]
+            for piece in r.iter_raw():
+                self.body += piece
+                self.first_event.set()
+        self.ended_at = time.monotonic()
+        # Read the moment the client has the whole stream: nothing waited for.
+        self.records_at_end = self._gw.records(self.request_id)
+
+    def join(self) -> None:
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the stream never ended"
+
+
+@contextmanager
+def _gated_stream(
+    make_gateway: GatewayFactory, busy_timeout_ms: int
+) -> Iterator[tuple[Gateway, SocketDouble, _StreamReader]]:
+    """A stream through the gateway, its first event read, from an engine that ends it when its gate opens."""
+    gated = SocketDouble("gated")
+    try:
+        gw = make_gateway(
+            engines=[EngineRef("m", gated.url, "k")], database={"sqlite_busy_timeout_ms": busy_timeout_ms}
+        )
+        reader = _StreamReader(gw, gw.create_key())
+        assert reader.first_event.wait(10), "no first event"
+        yield gw, gated, reader
+    finally:
+        gated.close()
+
+
+def test_a_stream_ends_only_once_its_final_record_is_committed(make_gateway: GatewayFactory) -> None:
+    """`data: [DONE]` is held back while the final record waits for the audit
+    store (here another process holds SQLite's write lock for a second), so a
+    client that has the whole stream can rely on its record."""
+    with _gated_stream(make_gateway, busy_timeout_ms=10000) as (gw, gated, reader):
+        with sqlite_write_lock(gw.database_url.split(":///", 1)[1]):
+            gated.gate.set()  # the engine ends its stream; the final record now waits for the lock
+            time.sleep(1.0)
+            released = time.monotonic()
+        reader.join()
+    assert reader.body.endswith(b"data: [DONE]\n\n"), reader.body
+    assert reader.ended_at > released
+    assert [r["phase"] for r in reader.records_at_end] == ["intent", "final"]
+    assert reader.records_at_end[1]["outcome"] == "ok"
+
+
+def test_an_audit_store_failing_at_the_end_of_a_stream_replaces_done_with_an_error(
+    make_gateway: GatewayFactory,
+) -> None:
+    with _gated_stream(make_gateway, busy_timeout_ms=300) as (gw, gated, reader):
+        with sqlite_write_lock(gw.database_url.split(":///", 1)[1]):
+            gated.gate.set()
+            reader.join()
+        events = [e for e in reader.body.split(b"\n\n") if e]
+        assert events[0].startswith(b'data: {"id":"x"')
+        assert b"[DONE]" not in reader.body
+        assert b'"code":"audit_unavailable"' in events[-1]
+        assert [r["phase"] for r in gw.records(reader.request_id)] == ["intent"]
 
 
 def test_sqlite_locked_by_another_process_refuses_calls(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
