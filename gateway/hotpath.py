@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import sqlalchemy as sa
@@ -245,15 +247,26 @@ def _read_key(conn: sqlite3.Connection, key_id: str) -> KeyRow | None:
                   _parse_sqlite_datetime(revoked_at), bool(can_decrypt))  # fmt: skip
 
 
-def _sqlite_insert(table: sa.Table, rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[Any, ...]]]:
+@functools.lru_cache(maxsize=16)
+def _insert_plan(table: sa.Table, names: tuple[str, ...]) -> tuple[str, itemgetter[Any], tuple[int, ...]]:
+    """An INSERT for these columns, compiled once: the SQL, a getter for the row's
+    values in column order, and which of them are timestamps."""
+    # Only the table's own column names (each looked up in table.c) reach the SQL text.
+    times = tuple(i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.DateTime))
+    statement = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608
+    return statement, itemgetter(*names), times
+
+
+def _sqlite_insert(table: sa.Table, rows: Sequence[dict[str, Any]]) -> tuple[str, list[Sequence[Any]]]:
     """One executemany straight to the driver: SQLAlchemy's per-row bind
     processing was most of the audit writer's time (measured: bench/audit_throughput.py)."""
-    names = list(rows[0])
-    converters = [_sqlite_datetime if isinstance(table.c[n].type, sa.DateTime) else None for n in names]
-    # Only the table's own column names (each looked up in table.c above) reach the SQL text.
-    statement = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608
-    pairs = list(zip(names, converters, strict=True))
-    params = [tuple(conv(row[n]) if conv else row[n] for n, conv in pairs) for row in rows]
+    statement, values_of, times = _insert_plan(table, tuple(rows[0]))
+    params: list[Sequence[Any]] = []
+    for row in rows:
+        values = list(values_of(row)) if len(row) > 1 else [values_of(row)]
+        for i in times:
+            values[i] = _sqlite_datetime(values[i])
+        params.append(values)
     return statement, params
 
 
