@@ -26,14 +26,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID, NameOID
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import Unauthenticated
+from gateway.http_protocol import GatewayHttpProtocol
 from gateway.settings import MtlsSettings
 
 
-class TlsPeerProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with the verified client certificate in the scope."""
+class TlsPeerProtocol(GatewayHttpProtocol):
+    """The gateway's protocol, with the verified client certificate in the scope."""
 
     _peer_pem: str | None = None
 

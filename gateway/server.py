@@ -21,6 +21,7 @@ from uvicorn.supervisors import Multiprocess
 from engine.manifest import Verification
 from gateway import logs
 from gateway.app import create_app
+from gateway.http_protocol import GatewayHttpProtocol
 from gateway.mtls import TlsPeerProtocol
 from gateway.settings import Settings
 
@@ -28,7 +29,7 @@ from gateway.settings import Settings
 def uvicorn_config(settings: Settings, preverified: dict[str, Verification] | None = None) -> uvicorn.Config:
     g = settings.gateway
     tls: dict[str, object] = {}
-    http: str | type[TlsPeerProtocol] = "httptools"
+    http: type[GatewayHttpProtocol] = GatewayHttpProtocol
     if g.tls_cert:
         tls = {
             "ssl_certfile": str(settings.path(g.tls_cert)),
