@@ -429,6 +429,11 @@ _chunk_decoder = msgspec.json.Decoder(_StreamChunk)
 _DONE = b"data: [DONE]"
 
 
+def _error_event(err: GatewayError) -> bytes:
+    """An error as a stream's closing server-sent event, in OpenAI's shape."""
+    return b"data: " + err.body() + b"\n\n"
+
+
 async def _relay(
     svc: Services, call: Call, stream: EngineStream, body: bytes, lease: Lease | None, *, strip_usage: bool
 ) -> AsyncIterator[bytes]:
@@ -462,6 +467,9 @@ async def _relay(
             response_sha256=None if call.capture == "none" else digest.hexdigest(),
         )
 
+    def captured() -> list[dict[str, Any]]:
+        return _captured(svc, call, body, b"".join(kept or []))
+
     def sent(event: bytes) -> bytes:
         nonlocal room
         digest.update(event)
@@ -487,15 +495,15 @@ async def _relay(
             outcome = "ok"
         except GatewayError as err:
             outcome, error_type, error_message = "error", err.audit_reason, err.message
-            closing = b"data: " + err.body() + b"\n\n"
+            closing = _error_event(err)
         if closing is not None:
             sent(closing)
         # Handed to the writer: from here the record lands even if the client goes away.
         recorded = True
         try:
-            await svc.audit.write(final_record(), _captured(svc, call, body, b"".join(kept or [])))
+            await svc.audit.write(final_record(), captured())
         except AuditUnavailable as err:
-            closing = b"data: " + err.body() + b"\n\n"
+            closing = _error_event(err)
         if closing is not None:
             yield closing
     finally:
@@ -504,7 +512,7 @@ async def _relay(
         # await: this generator is being closed, and the record must land.
         stream.close()
         if not recorded:
-            svc.spawn(write_quietly(svc.audit, final_record(), _captured(svc, call, body, b"".join(kept or []))))
+            svc.spawn(write_quietly(svc.audit, final_record(), captured()))
         if lease is not None:
             svc.spawn(settle(svc, lease, usage.prompt_tokens + usage.completion_tokens if usage else None))
 
