@@ -25,6 +25,10 @@ from gateway.settings import Settings
 from gateway.tables import gateway_heartbeat
 
 log = structlog.get_logger("bastion.app")
+
+# The collector's thresholds once started (CPython's defaults are 700, 10, 10):
+# a young collection per 50,000 objects still alive, a full one almost never.
+GC_THRESHOLDS = (50_000, 20, 100)
 ALL_METHODS: list[Method] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
@@ -169,6 +173,12 @@ def create_app(settings: Settings, preverified: dict[str, Verification] | None =
         # under load walks only the objects of calls in flight.
         gc.collect()
         gc.freeze()
+        # A call leaves no cyclic garbage (measured: none collected over
+        # published-benchmark and error-path loads), so the collector only
+        # ever walks calls in flight for nothing: at the default thresholds a
+        # 500/s load spent 7% of the gateway's time in it, in pauses of up to
+        # 90 ms that every call in flight waits out. Run it rarely instead.
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             yield
         finally:

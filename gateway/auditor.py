@@ -19,7 +19,6 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.response import Stream
 
 from gateway.audit import query
 from gateway.audit.anchor import AnchorFile
@@ -29,6 +28,7 @@ from gateway.calls import Call, answer, authenticate, headers_for, refuse
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
 from gateway.services import Services
 from gateway.settings import ConfigError
+from gateway.streaming import Stream
 from gateway.trust import audit_verify_keys
 
 AUDIT_ROLES = frozenset({"auditor"})

@@ -20,7 +20,6 @@ from typing import Any
 import msgspec
 import structlog
 from litestar import Request, Response
-from litestar.response import Stream
 
 from gateway.audit.record import AuditRecord, detail_text, new_request_id
 from gateway.audit.writer import write_quietly
@@ -46,6 +45,7 @@ from gateway.media import MediaLimits, check_parts
 from gateway.policies import rate_headers
 from gateway.reasoning import event_without_reasoning, without_reasoning
 from gateway.services import Services
+from gateway.streaming import Stream
 from gateway.summary import URL, ImagePart, Kind, RequestSummary, body_for_engine, summarize
 from policy import Caller, Decision, Denial, Lease, LimiterUnavailable, MediaPart, Policy, Prompt, decide
 
@@ -191,23 +191,29 @@ async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Cal
 async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `limit`:
     from Content-Length when given, else while counting a chunked body."""
-    too_large = PayloadTooLarge(
-        f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large"
-    )
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadRequest("Invalid Content-Length header.", audit_reason="bad_content_length")
         if int(declared) > limit:
-            raise too_large
+            raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    # Made at the raise, never held in a local of the raising frame: that
+    # frame is in the error's traceback, and the two would form a cycle
+    # (garbage only the rarely run collector frees; tests/test_cyclic_garbage.py).
+    return PayloadTooLarge(
+        f"The request body is larger than the limit of {limit} bytes.", audit_reason="body_too_large"
+    )
 
 
 async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, path: str) -> Response[Any]:

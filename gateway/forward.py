@@ -7,6 +7,7 @@ failures become typed gateway errors: cannot connect → 503, no answer in time 
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -81,6 +82,25 @@ def _translate(exc: BaseException) -> GatewayError:
     return EngineError("The model engine's answer was broken off.", audit_reason=f"engine_{type(exc).__name__}")
 
 
+def _drop_frames(exc: BaseException) -> None:
+    """Clear the frames of a transport error's traceback (and of the errors it
+    chains). aiohttp keeps the errors it raises in locals of frames on their
+    own tracebacks (a refused connection: 80 objects in cycles), and those
+    frames hold the call's body until the cycle collector runs, which the
+    gateway makes rare (gateway/app.py; tests/test_cyclic_garbage.py)."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        traceback.clear_frames(link.__traceback__)  # skips frames still running (ours)
+        link = link.__cause__ or link.__context__
+
+
+def _translated(exc: BaseException) -> GatewayError:
+    _drop_frames(exc)
+    return _translate(exc)
+
+
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
@@ -95,7 +115,7 @@ class EngineStream:
         try:
             return await self._response.read()
         except _TRANSPORT_ERRORS as exc:
-            raise _translate(exc) from exc
+            raise _translated(exc) from exc
 
     async def events(self) -> AsyncIterator[bytes]:
         """Yield each server-sent event (with its blank-line terminator) as it completes.
@@ -110,7 +130,7 @@ class EngineStream:
                     yield buffer[: end + 2]
                     buffer = buffer[end + 2 :]
         except _TRANSPORT_ERRORS as exc:
-            raise _translate(exc) from exc
+            raise _translated(exc) from exc
         if buffer.strip():
             yield buffer
 
@@ -148,14 +168,14 @@ class Forwarder:
             async with self._session.post(upstream.base_url + path, data=body, headers=upstream.headers) as r:
                 return r.status, await r.read()
         except _TRANSPORT_ERRORS as exc:
-            raise _translate(exc) from exc
+            raise _translated(exc) from exc
 
     async def open_stream(self, upstream: Upstream, path: str, body: bytes) -> EngineStream:
         """Send a streamed call; return once the status line and headers are in."""
         try:
             response = await self._session.post(upstream.base_url + path, data=body, headers=upstream.headers)
         except _TRANSPORT_ERRORS as exc:
-            raise _translate(exc) from exc
+            raise _translated(exc) from exc
         return EngineStream(response)
 
     async def health(self, upstream: Upstream, timeout: float = 2.0) -> bool:
@@ -164,5 +184,6 @@ class Forwarder:
                 upstream.base_url + "/health", headers=upstream.headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as r:
                 return r.status == 200
-        except _TRANSPORT_ERRORS:
+        except _TRANSPORT_ERRORS as exc:
+            _drop_frames(exc)
             return False

@@ -199,6 +199,8 @@ class Gateway:
     tls_cert: str | None = None
     # With mutual TLS: (certificate, key) files this helper presents.
     client_cert: tuple[str, str] | None = None
+    # Environment variables added to the gateway process's own.
+    env: dict[str, str] = field(default_factory=dict)
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -224,6 +226,7 @@ class Gateway:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **self.env},
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
