@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import time
 
 import msgspec
@@ -117,6 +118,10 @@ def main() -> None:
     except ImportError:
         pass
     app = make_app(args.chunks, args.delay, args.slow_delay, args.trickle_interval)
+    # As in the gateway (gateway/app.py): no cyclic garbage per call, so the
+    # collector runs rarely rather than pausing every request in flight.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, backlog=4096)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The peer gateways the benchmark suite compares Bastion with, each in an
 # environment of its own under bench/.peers/ (ignored by git), never as a
-# project dependency:
+# project dependency (and Bastion itself with its runtime dependencies only):
 #   LiteLLM's proxy  pip install 'litellm[proxy]' into bench/.peers/litellm/
 #   Portkey          npm install @portkey-ai/gateway into bench/.peers/portkey/
 # Versions are pinned so a run can be repeated; LITELLM_VERSION and
@@ -13,6 +13,16 @@ PYTHON=${PYTHON:-python3.11}
 LITELLM_VERSION=${LITELLM_VERSION:-}
 PORTKEY_VERSION=${PORTKEY_VERSION:-}
 mkdir -p "$PEERS"
+
+# Bastion itself as deployed: its runtime dependencies only (the gateway image's
+# set), editable so it runs the working tree's code. The project's .venv adds
+# the test dependencies, and one of them (pydantic) Litestar loads when present.
+if [ ! -f "$PEERS/bastion/.done" ]; then
+  "$PYTHON" -m venv "$PEERS/bastion"
+  "$PEERS/bastion/bin/pip" install -q --upgrade pip
+  "$PEERS/bastion/bin/pip" install -q -e ..
+  touch "$PEERS/bastion/.done"
+fi
 
 if [ ! -f "$PEERS/litellm/.done" ]; then
   "$PYTHON" -m venv "$PEERS/litellm"

@@ -138,7 +138,9 @@ def main() -> None:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / f"suite-{stamp}.partial.json"  # after each scenario, in case the run dies
-    print(f"work folder: {work}; peers: {', '.join(peers) or 'none'}", flush=True)
+    print(
+        f"work folder: {work}; peers: {', '.join(peers) or 'none'}; bastion: {targets.bastion_executable()}", flush=True
+    )
     started: list[object] = []
     results: report.Results = {}
     leak: list[tuple[int, float]] = []

@@ -26,6 +26,7 @@ from engine.local import LocalEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS = ROOT / "bench" / ".peers"
+BASTION_DEV = str(Path(sys.executable).with_name("bastion"))
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def bastion(
     policy with content detectors and rate limits switched on. With several
     workers the rate limits are held in Redis (`redis_url`), as they must be."""
     from gateway import migrate
-    from tests.support import BASTION, EngineRef, free_port, write_config
+    from tests.support import EngineRef, free_port, write_config
     from tests.support import bastion as run_bastion
 
     name = "bastion" if workers == 1 else f"bastion x{workers}"
@@ -107,9 +108,19 @@ def bastion(
     migrate.upgrade(db_url)
     created = run_bastion("keys", "create", "--config", str(config), "--name", "bench", "--team", "default", "--json")
     key = json.loads(created.stdout)["key"]
-    proc = procs.start("bastion", [BASTION, "serve", "--config", str(config)], home / "gateway.log")
+    proc = procs.start("bastion", [bastion_executable(), "serve", "--config", str(config)], home / "gateway.log")
     procs.wait_http(proc, f"http://127.0.0.1:{port}/healthz", 60)
     return Target(name, proc, key, f"http://127.0.0.1:{port}")
+
+
+def bastion_executable() -> str:
+    """`bastion` from bench/.peers/bastion/ (bench/peers/setup.sh): the gateway
+    with its runtime dependencies only, as its image installs it. The project's
+    .venv also holds the test dependencies, and Litestar loads its pydantic
+    plugin whenever pydantic is installed (6-7 MB more resident). Falls back to
+    .venv's when that environment is missing."""
+    deployed = PEERS / "bastion" / "bin" / "bastion"
+    return str(deployed) if deployed.exists() else BASTION_DEV
 
 
 def redis(work: Path) -> tuple[str, procs.Proc]:
