@@ -93,8 +93,16 @@ class Services:
             images=image_fetcher(settings),
         )
         await svc._record_policy("policy.loaded", "boot", None)
-        # Models stay unroutable (pending) until this finishes; the gateway answers meanwhile.
-        svc.spawn(integrity.verify_all("boot", preverified))
+        boot = integrity.verify_all("boot", preverified)
+        if settings.gateway.workers > 1:
+            # One of several workers on a shared socket starts taking calls only
+            # once its models are verified: a worker that replaces one that died
+            # would otherwise take calls from the others and answer them 503
+            # (model_pending) while it hashes.
+            await boot
+        else:
+            # Models stay unroutable (pending) until this finishes; the gateway answers meanwhile.
+            svc.spawn(boot)
         svc._periodic = asyncio.create_task(integrity.run_periodic(), name="reverify")
         svc._watch = asyncio.create_task(svc._watch_policy(), name="policy-watch")
         return svc
