@@ -5,7 +5,7 @@ Several workers share one listening socket under uvicorn's supervisor, which
 restarts a worker that dies and, on SIGHUP, replaces them one at a time (each
 replacement serving before the old one stops). Every worker is a whole gateway:
 its own audit stream, engine pool and boot verification of the models (`up`
-hands them the result of its own instead).
+hands them the result of its own instead), finished before it takes calls.
 """
 
 from __future__ import annotations
