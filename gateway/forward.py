@@ -72,6 +72,7 @@ class Upstream:
 
 
 def _translate(exc: BaseException) -> GatewayError:
+    _drop_frames(exc)
     # Order matters: aiohttp's connect timeout is also a ServerTimeoutError.
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return EngineUnavailable("The model engine is not reachable right now.", audit_reason="engine_connect_timeout")
@@ -96,11 +97,6 @@ def _drop_frames(exc: BaseException) -> None:
         link = link.__cause__ or link.__context__
 
 
-def _translated(exc: BaseException) -> GatewayError:
-    _drop_frames(exc)
-    return _translate(exc)
-
-
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
@@ -115,7 +111,7 @@ class EngineStream:
         try:
             return await self._response.read()
         except _TRANSPORT_ERRORS as exc:
-            raise _translated(exc) from exc
+            raise _translate(exc) from exc
 
     async def events(self) -> AsyncIterator[bytes]:
         """Yield each server-sent event (with its blank-line terminator) as it completes.
@@ -130,7 +126,7 @@ class EngineStream:
                     yield buffer[: end + 2]
                     buffer = buffer[end + 2 :]
         except _TRANSPORT_ERRORS as exc:
-            raise _translated(exc) from exc
+            raise _translate(exc) from exc
         if buffer.strip():
             yield buffer
 
@@ -168,14 +164,14 @@ class Forwarder:
             async with self._session.post(upstream.base_url + path, data=body, headers=upstream.headers) as r:
                 return r.status, await r.read()
         except _TRANSPORT_ERRORS as exc:
-            raise _translated(exc) from exc
+            raise _translate(exc) from exc
 
     async def open_stream(self, upstream: Upstream, path: str, body: bytes) -> EngineStream:
         """Send a streamed call; return once the status line and headers are in."""
         try:
             response = await self._session.post(upstream.base_url + path, data=body, headers=upstream.headers)
         except _TRANSPORT_ERRORS as exc:
-            raise _translated(exc) from exc
+            raise _translate(exc) from exc
         return EngineStream(response)
 
     async def health(self, upstream: Upstream, timeout: float = 2.0) -> bool:

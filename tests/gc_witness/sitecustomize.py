@@ -30,10 +30,12 @@ def _collect(signum: int, frame: object) -> None:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.collect()  # kept alive by gc.garbage until now: free them for real
-    with open(os.environ["GC_WITNESS_OUT"], "w") as out:
+    target = os.environ["GC_WITNESS_OUT"]
+    with open(target + ".part", "w") as out:
         json.dump(
             {"collected": found, "types": dict(types.most_common(12)), "frames": dict(frames.most_common(12))}, out
         )
+    os.replace(target + ".part", target)  # the test sees the report whole or not at all
 
 
 if os.environ.get("GC_WITNESS_OUT"):
