@@ -1,7 +1,7 @@
 """The path of one call, from the caller's bytes to the audited answer.
 
     authenticate → read body (size-limited) → summarise → policy → route
-    → rate limits → intent record durable → forward → relay → final record durable
+    → rate limits → intent record committed → forward → relay → final record durable
 
 Every way out of this path, allowed or refused, writes a final audit record.
 When that record cannot be written, the caller gets 503 and nothing more.
@@ -244,8 +244,11 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
             )
         lease = await admit(svc, call, decision)
         if svc.settings.audit.mode == "strict":
-            # Nothing reaches the engine before this record is durable.
-            await svc.audit.write(call.record("intent"))
+            # Nothing reaches the engine before this record is committed. A stream
+            # sends content before its final record, so its intent is on disk
+            # first; otherwise the final record's sync, before the answer is
+            # released, takes this one to disk with it (gateway/audit/writer.py).
+            await svc.audit.write(call.record("intent"), synced=summary.stream)
         payload = body_for_engine(
             body, summary, max_tokens=decision.max_tokens, texts=decision.texts, image_urls=fetched
         )

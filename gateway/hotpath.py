@@ -52,11 +52,17 @@ KEY_QUERY = sa.select(
 
 @dataclass(frozen=True)
 class Batch:
-    """One group commit: chained records, the checkpoints due, encrypted payloads."""
+    """One group commit: chained records, the checkpoints due, encrypted payloads.
+
+    `synced`: the commit returns once flushed to disk. Otherwise it returns once
+    the database has it (it survives the gateway process, not a power loss) and
+    reaches the disk with the next synced commit, which flushes the log in order.
+    """
 
     records: Sequence[dict[str, Any]]
     checkpoints: Sequence[dict[str, Any]] = ()
     payloads: Sequence[dict[str, Any]] = ()
+    synced: bool = True
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,10 @@ class AsyncHotPath:
 
     async def write_batch(self, batch: Batch) -> None:
         async with self._engine.begin() as conn:
+            if not batch.synced:
+                # This transaction's commit does not wait for its log flush; the
+                # next synchronous commit's flush covers it (the log is written in order).
+                await conn.execute(sa.text("SET LOCAL synchronous_commit TO off"))
             for table, rows in _statements(batch):
                 await conn.execute(sa.insert(table), list(rows))
 
@@ -328,9 +338,13 @@ class ThreadedSQLiteHotPath:
 
     async def write_batch(self, batch: Batch) -> None:
         statements = [_sqlite_insert(table, rows) for table, rows in _statements(batch)]
+        # In WAL mode, NORMAL commits to the log without syncing it; the next FULL
+        # commit's sync covers the frames before it (gateway.db sets FULL).
+        synchronous = f"PRAGMA synchronous={'FULL' if batch.synced else 'NORMAL'}"
 
         def write(conn: sqlite3.Connection) -> None:
-            with conn:  # one transaction: committed (fsync), or rolled back on any error
+            conn.execute(synchronous)
+            with conn:  # one transaction: committed (and synced, if asked), or rolled back on any error
                 for statement, params in statements:
                     conn.executemany(statement, params)
 

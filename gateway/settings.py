@@ -68,8 +68,9 @@ CaptureMode = Literal["none", "hash", "encrypted"]
 
 
 class AuditSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # strict: an intent record is durable before the engine sees a call, the
-    # outcome record follows. relaxed: one record after the call (see docs/audit.md).
+    # strict: an intent record is committed before the engine sees a call (on
+    # disk before any of the answer is released), the outcome record follows.
+    # relaxed: one record after the call (see docs/audit.md).
     mode: Literal["strict", "relaxed"] = "strict"
     # Records waiting for the writer. When full, calls are refused with 503
     # instead of buffering without bound.

@@ -1,4 +1,5 @@
-"""The SQLite hot path's key look-up on the event loop, and time-ordered request ids.
+"""The hot path: the SQLite key look-up on the event loop, commits with and
+without their own sync, and time-ordered request ids.
 
 Against a real SQLite file in WAL mode: a look-up made on the event loop sees
 every commit before it (a revocation counts on the next call), and when the
@@ -8,7 +9,10 @@ file is locked the look-up waits on the reader thread, never on the loop.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -116,3 +120,81 @@ def test_request_ids_are_uuid7_in_time_order() -> None:
         parsed = uuid.UUID(value)
         assert len(value) == 32 and parsed.version == 7 and parsed.variant == uuid.RFC_4122
         assert abs(int(value[:12], 16) / 1000 - time.time()) < 5
+
+
+# A child process that commits audit batches through the hot path, then dies
+# without closing anything (as a killed gateway would).
+_WRITE_AND_DIE = """
+import asyncio, os, sys
+from datetime import UTC, datetime
+from gateway.hotpath import Batch, hot_path_for
+
+url, synced, count = sys.argv[1], sys.argv[2] == "synced", int(sys.argv[3])
+
+async def go():
+    hot = hot_path_for(url, None, busy_timeout_ms=5000)
+    now = datetime.now(UTC)
+    for i in range(count):
+        row = dict(request_id=f"r{i}", phase="intent", started_at=now, method="POST", route="/v1/x", stream=False)
+        await hot.write_batch(Batch([row], synced=synced))
+    os._exit(0)
+
+asyncio.run(go())
+"""
+
+
+def _syncs_and_rows(db_url: str, synced: str, count: int, tmp_path: Path) -> tuple[int, int]:
+    """(fsync and fdatasync calls the child made, rows another process then reads)."""
+    trace = tmp_path / f"strace-{synced}.txt"
+    argv = ["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(trace),
+            sys.executable, "-c", _WRITE_AND_DIE, db_url, synced, str(count)]  # fmt: skip
+    subprocess.run(argv, check=True, cwd=Path(__file__).parents[1], timeout=120)
+    syncs = sum(1 for line in trace.read_text().splitlines() if "sync(" in line)
+    with sqlite3.connect(db_url.split("///", 1)[1]) as conn:
+        rows = conn.execute("SELECT count(*) FROM audit_records").fetchone()[0]
+    return syncs, rows
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to count the driver's syncs")
+def test_an_unsynced_commit_survives_the_process_and_the_next_synced_one_flushes(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A non-streamed call's intent is committed without a sync of its own: the
+    database has it when the gateway dies, and only synced commits call fsync."""
+    unsynced, rows = _syncs_and_rows(db_url, "unsynced", 20, tmp_path)
+    assert rows == 20  # committed: another process reads every record after the writer died
+    synced, rows = _syncs_and_rows(db_url, "synced", 20, tmp_path)
+    assert rows == 40
+    assert unsynced <= 2, f"unsynced commits called fsync {unsynced} times"  # opening the WAL may sync once
+    assert synced >= 20, f"20 synced commits called fsync {synced} times"
+
+
+@pytest.mark.postgres
+def test_an_unsynced_commit_on_postgres_is_committed_and_scoped_to_its_transaction(fresh_pg_url: str) -> None:
+    from sqlalchemy import text
+
+    from gateway.hotpath import AsyncHotPath, Batch
+
+    async def go() -> tuple[int, list[str]]:
+        engine = create_engine(fresh_pg_url)
+        hot = AsyncHotPath(engine)
+        now = datetime.now(UTC)
+        try:
+            row = dict(request_id="r1", phase="intent", started_at=now, method="POST", route="/v1/x", stream=False)
+            await hot.write_batch(Batch([row], synced=False))
+            other = create_engine(fresh_pg_url)
+            try:
+                async with other.connect() as conn:
+                    rows = (await conn.execute(text("SELECT count(*) FROM audit_records"))).scalar_one()
+            finally:
+                await other.dispose()
+            # The setting was the transaction's own: the pool's connections commit synchronously again.
+            async with engine.connect() as conn:
+                modes = [(await conn.execute(text("SHOW synchronous_commit"))).scalar_one()]
+            return rows, modes
+        finally:
+            await engine.dispose()
+
+    rows, modes = asyncio.run(go())
+    assert rows == 1
+    assert modes == ["on"]

@@ -7,6 +7,13 @@ background task takes whatever records are waiting, chains them
 single transaction (group commit), so under load many calls share one fsync.
 Checkpoints go to the anchor file before the batch's callers are answered.
 
+`write(record, synced=False)` returns once the record is committed but before
+it is flushed to disk: it survives the gateway process dying (the database has
+it), and reaches the disk with the next synced commit, whose flush covers every
+commit before it (SQLite's WAL and PostgreSQL's log are each written in
+order). A non-streamed call's intent record is written so: its final record's
+synced commit comes before the answer is released (docs/audit.md).
+
 The queue is bounded: when the database stalls and the queue fills, new calls
 are refused with 503 instead of buffering without limit.
 """
@@ -19,7 +26,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
@@ -33,7 +40,11 @@ from gateway.hotpath import Batch, HotPath
 log = structlog.get_logger("bastion.audit")
 _CHECKPOINT_RETRY_SECONDS = 1.0
 
-_Pending = tuple[dict[str, Any], Sequence[dict[str, Any]], asyncio.Future[None]]
+class _Pending(NamedTuple):
+    row: dict[str, Any]
+    payloads: Sequence[dict[str, Any]]
+    done: asyncio.Future[None]
+    synced: bool
 
 
 class AuditWriter:
@@ -83,8 +94,11 @@ class AuditWriter:
         if self._task is not None:
             await self._task
 
-    async def write(self, record: AuditRecord, payloads: Sequence[dict[str, Any]] = ()) -> None:
-        """Return once the record (and its payload rows) is committed; raise AuditUnavailable otherwise."""
+    async def write(
+        self, record: AuditRecord, payloads: Sequence[dict[str, Any]] = (), *, synced: bool = True
+    ) -> None:
+        """Return once the record (and its payload rows) is committed, and flushed
+        to disk unless `synced` is False; raise AuditUnavailable otherwise."""
         if self._closing or self._task is None or self._task.done():
             raise AuditUnavailable(
                 "The audit store is not accepting records; the call was refused.", audit_reason="writer_stopped"
@@ -95,7 +109,7 @@ class AuditWriter:
         # Each caller has a future of its own, so one giving up (cancelled, or
         # timed out by the timer) touches nobody else's; the batch skips it.
         done: asyncio.Future[None] = loop.create_future()
-        self._pending.append((row_of(record), payloads, done))
+        self._pending.append(_Pending(row_of(record), payloads, done, synced))
         self._wake()
         timer = loop.call_later(self._write_timeout, _time_out, done)
         try:
@@ -124,15 +138,15 @@ class AuditWriter:
                 err = AuditUnavailable(
                     "The audit store refused the record; the call was refused.", audit_reason="write_failed"
                 )
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_exception(err)
                         # Nobody may be waiting any more (timeout); don't warn about it.
-                        fut.exception()
+                        p.done.exception()
             else:
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_result(None)
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
@@ -163,13 +177,15 @@ class AuditWriter:
             tail = await self._hot.stream_tail(self.chain.stream_id)
             self.chain.resync(tail.seq, tail.head, tail.checkpointed)
             self._resync = False
-        link = self.chain.link([row for row, _, _ in batch], closing=closing)
+        link = self.chain.link([p.row for p in batch], closing=closing)
         if not link.rows and not link.checkpoints:
             return
         checkpoints = [msgspec.structs.asdict(c) for c in link.checkpoints]
-        payloads = [p for _, ps, _ in batch for p in ps]
+        payloads = [row for p in batch for row in p.payloads]
+        # One record that must be on disk (or a signed checkpoint) syncs the batch.
+        synced = bool(checkpoints) or any(p.synced for p in batch)
         try:
-            await self._hot.write_batch(Batch(link.rows, checkpoints, payloads))
+            await self._hot.write_batch(Batch(link.rows, checkpoints, payloads, synced=synced))
         except BaseException:
             self._resync = True
             raise
@@ -184,7 +200,7 @@ class AuditWriter:
             return  # this stream never wrote anything
         closing = system_record("audit.stream_closed", method="-", outcome="ok")
         await self._quietly(
-            self._commit([(row_of(closing), (), asyncio.get_running_loop().create_future())], closing=True)
+            self._commit([_Pending(row_of(closing), (), asyncio.get_running_loop().create_future(), True)], closing=True)
         )
 
     def _idle_wait(self) -> float | None:
