@@ -156,9 +156,7 @@ def _syncs_and_rows(db_url: str, synced: str, count: int, tmp_path: Path) -> tup
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to count the driver's syncs")
-def test_an_unsynced_commit_survives_the_process_and_the_next_synced_one_flushes(
-    db_url: str, tmp_path: Path
-) -> None:
+def test_an_unsynced_commit_survives_the_process_and_the_next_synced_one_flushes(db_url: str, tmp_path: Path) -> None:
     """A non-streamed call's intent is committed without a sync of its own: the
     database has it when the gateway dies, and only synced commits call fsync."""
     unsynced, rows = _syncs_and_rows(db_url, "unsynced", 20, tmp_path)

@@ -40,6 +40,7 @@ from gateway.hotpath import Batch, HotPath
 log = structlog.get_logger("bastion.audit")
 _CHECKPOINT_RETRY_SECONDS = 1.0
 
+
 class _Pending(NamedTuple):
     row: dict[str, Any]
     payloads: Sequence[dict[str, Any]]
@@ -94,9 +95,7 @@ class AuditWriter:
         if self._task is not None:
             await self._task
 
-    async def write(
-        self, record: AuditRecord, payloads: Sequence[dict[str, Any]] = (), *, synced: bool = True
-    ) -> None:
+    async def write(self, record: AuditRecord, payloads: Sequence[dict[str, Any]] = (), *, synced: bool = True) -> None:
         """Return once the record (and its payload rows) is committed, and flushed
         to disk unless `synced` is False; raise AuditUnavailable otherwise."""
         if self._closing or self._task is None or self._task.done():
@@ -199,9 +198,8 @@ class AuditWriter:
         if self.chain.seq == 0 and self.chain.checkpointed < 0:
             return  # this stream never wrote anything
         closing = system_record("audit.stream_closed", method="-", outcome="ok")
-        await self._quietly(
-            self._commit([_Pending(row_of(closing), (), asyncio.get_running_loop().create_future(), True)], closing=True)
-        )
+        sealed = _Pending(row_of(closing), (), asyncio.get_running_loop().create_future(), synced=True)
+        await self._quietly(self._commit([sealed], closing=True))
 
     def _idle_wait(self) -> float | None:
         """Seconds until a timed checkpoint is due (None: nothing to checkpoint)."""
