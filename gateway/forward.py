@@ -7,13 +7,22 @@ failures become typed gateway errors: cannot connect → 503, no answer in time 
 
 from __future__ import annotations
 
-import traceback
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import aiohttp
 import msgspec
 
+from gateway.engine_http import (
+    BadResponse,
+    ConnectFailed,
+    ConnectTimeout,
+    EnginePool,
+    Origin,
+    ReadTimeout,
+    Response,
+    TransportError,
+)
 from gateway.errors import EngineError, EngineTimeout, EngineUnavailable, GatewayError
 
 
@@ -64,54 +73,38 @@ class Upstream:
 
     base_url: str
     api_key: str
-    headers: dict[str, str] = field(init=False)
+    origin: Origin = field(init=False)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
-        self.headers = {"authorization": f"Bearer {self.api_key}", "content-type": "application/json"}
+        headers = {"authorization": f"Bearer {self.api_key}", "content-type": "application/json"}
+        self.origin = Origin.of(self.base_url, headers)
 
 
-def _translate(exc: BaseException) -> GatewayError:
-    _drop_frames(exc)
-    # Order matters: aiohttp's connect timeout is also a ServerTimeoutError.
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+def _translate(exc: TransportError) -> GatewayError:
+    if isinstance(exc, ConnectTimeout):
         return EngineUnavailable("The model engine is not reachable right now.", audit_reason="engine_connect_timeout")
-    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-        return EngineTimeout("The model engine did not answer in time.", audit_reason="engine_read_timeout")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed):
         return EngineUnavailable("The model engine is not reachable right now.", audit_reason="engine_connect_failed")
-    return EngineError("The model engine's answer was broken off.", audit_reason=f"engine_{type(exc).__name__}")
-
-
-def _drop_frames(exc: BaseException) -> None:
-    """Clear the frames of a transport error's traceback (and of the errors it
-    chains). aiohttp keeps the errors it raises in locals of frames on their
-    own tracebacks (a refused connection: 80 objects in cycles), and those
-    frames hold the call's body until the cycle collector runs, which the
-    gateway makes rare (gateway/app.py; tests/test_cyclic_garbage.py)."""
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
-        traceback.clear_frames(link.__traceback__)  # skips frames still running (ours)
-        link = link.__cause__ or link.__context__
-
-
-_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+    if isinstance(exc, ReadTimeout):
+        return EngineTimeout("The model engine did not answer in time.", audit_reason="engine_read_timeout")
+    if isinstance(exc, BadResponse):
+        return EngineError("The model engine's answer was not HTTP.", audit_reason="engine_bad_response")
+    return EngineError("The model engine's answer was broken off.", audit_reason="engine_broken_off")
 
 
 class EngineStream:
     """An engine answer whose body is still arriving."""
 
-    def __init__(self, response: aiohttp.ClientResponse):
+    def __init__(self, response: Response):
         self._response = response
         self.status = response.status
 
     async def read(self) -> bytes:
         try:
             return await self._response.read()
-        except _TRANSPORT_ERRORS as exc:
-            raise _translate(exc) from exc
+        except TransportError as exc:
+            raise _translate(exc) from None
 
     async def events(self) -> AsyncIterator[bytes]:
         """Yield each server-sent event (with its blank-line terminator) as it completes.
@@ -120,66 +113,54 @@ class EngineStream:
         """
         buffer = b""
         try:
-            async for chunk in self._response.content.iter_any():
+            async for chunk in self._response.chunks():
                 buffer += chunk
                 while (end := buffer.find(b"\n\n")) >= 0:
                     yield buffer[: end + 2]
                     buffer = buffer[end + 2 :]
-        except _TRANSPORT_ERRORS as exc:
-            raise _translate(exc) from exc
+        except TransportError as exc:
+            raise _translate(exc) from None
         if buffer.strip():
             yield buffer
 
     def close(self) -> None:
-        """Drop the connection: the engine sees the client go and aborts the request."""
+        """Let the engine connection go; dropped if the answer is not complete,
+        so the engine sees the client go and aborts the request."""
         self._response.close()
 
 
 class Forwarder:
-    """One pooled aiohttp session for every engine.
-
-    Why aiohttp over httpx: measured on this machine, a keep-alive call costs
-    0.18 ms of client time with aiohttp against 0.53 ms with httpx, and the
-    forwarder sits on every call's path.
-    """
+    """Every call to the engines, over one pool of keep-alive connections (gateway/engine_http.py)."""
 
     def __init__(self, *, connect_timeout: float, read_timeout: float, pool_size: int, keepalive: float):
-        # `keepalive` must stay below the engine's own idle timeout (vLLM: 5 s), or
-        # a call can go out on a connection the engine is closing: a 502 for nothing.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=pool_size, limit_per_host=pool_size, keepalive_timeout=keepalive),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
-            # The engine is ours: no proxies from the environment, bodies passed through as they are.
-            trust_env=False,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        self._pool = EnginePool(
+            connect_timeout=connect_timeout, read_timeout=read_timeout, size=pool_size, keepalive=keepalive
         )
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._pool.close()
 
     async def post(self, upstream: Upstream, path: str, body: bytes) -> tuple[int, bytes]:
         """Send a non-streamed call and read the whole answer."""
         try:
-            async with self._session.post(upstream.base_url + path, data=body, headers=upstream.headers) as r:
-                return r.status, await r.read()
-        except _TRANSPORT_ERRORS as exc:
-            raise _translate(exc) from exc
+            response = await self._pool.request(upstream.origin, "POST", path, body)
+            return response.status, await response.read()
+        except TransportError as exc:
+            raise _translate(exc) from None
 
     async def open_stream(self, upstream: Upstream, path: str, body: bytes) -> EngineStream:
         """Send a streamed call; return once the status line and headers are in."""
         try:
-            response = await self._session.post(upstream.base_url + path, data=body, headers=upstream.headers)
-        except _TRANSPORT_ERRORS as exc:
-            raise _translate(exc) from exc
+            response = await self._pool.request(upstream.origin, "POST", path, body)
+        except TransportError as exc:
+            raise _translate(exc) from None
         return EngineStream(response)
 
     async def health(self, upstream: Upstream, timeout: float = 2.0) -> bool:
         try:
-            async with self._session.get(
-                upstream.base_url + "/health", headers=upstream.headers, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as r:
-                return r.status == 200
-        except _TRANSPORT_ERRORS as exc:
-            _drop_frames(exc)
+            async with asyncio.timeout(timeout):
+                response = await self._pool.request(upstream.origin, "GET", "/health")
+                await response.read()
+        except (TransportError, TimeoutError):
             return False
+        return response.status == 200
