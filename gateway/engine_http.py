@@ -94,7 +94,10 @@ class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float):
         self._loop = loop
         self._read_timeout = read_timeout
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser calls back into this object, and the transport holds it:
+        # both exist only while connected, so a closed connection is freed by
+        # reference counting (no cycle; tests/test_cyclic_garbage.py).
+        self._parser: httptools.HttpResponseParser | None = None
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -118,8 +121,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is no subclass)
+        self._parser = httptools.HttpResponseParser(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._parser is None:
+            return  # aborted: what is still in flight is dropped
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -131,6 +137,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._transport = None
+        self._parser = None
         if not self.complete:
             self._fail(BrokenOff, "the engine closed the connection before its answer was complete")
 
