@@ -1,8 +1,8 @@
 """One durable audit write at a time: the gateway's writer against the bare driver, in one run.
 
-At concurrency 1 a call waits for two durable writes (its intent and its final
-record), one after the other, so what each costs beyond the disk's own commit
-is latency every call pays. This sends records one at a time through the
+At concurrency 1 a call waits for two writes (its intent, committed, and its
+final record, synced to disk), one after the other, so what each costs beyond
+the disk's own commit is latency every call pays. This sends records one at a time through the
 gateway's AuditWriter and SQLite hot path (chain link, writer task, hand-off to
 the writer thread, commit with fsync, answer back on the event loop) and, into
 a second database in the same run, the same rows inserted and committed by the

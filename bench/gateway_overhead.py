@@ -3,9 +3,9 @@
 With --upstream vllm (the default) one run starts a real vLLM CPU engine (tiny
 random model, built on the spot); with --upstream fast, bench/fast_upstream.py,
 which answers at once, so that what is added is the gateway's own cost. Also
-a gateway (`bastion serve`, SQLite, strict audit: the intent record is durable
-before the engine sees the call and the final record before the answer
-returns), and sends the same chat load to both, alternating rounds so machine
+a gateway (`bastion serve`, SQLite, strict audit: the intent record is committed
+before the engine sees the call, and on disk with the final record before the
+answer returns), and sends the same chat load to both, alternating rounds so machine
 noise hits both alike. Prints p50/p99 latency, added latency, and the
 throughput ratio at each concurrency.
 

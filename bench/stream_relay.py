@@ -2,8 +2,8 @@
 gateway against the engine called directly, in one run.
 
 Starts the real vLLM CPU engine (tiny random model) and a gateway in front of
-it (`bastion serve`, SQLite, strict audit: the intent record is durable before
-the engine sees the call), then streams the same chat request (`ignore_eos`,
+it (`bastion serve`, SQLite, strict audit: a stream's intent record is on
+disk before the engine sees the call), then streams the same chat request (`ignore_eos`,
 so every stream is `--tokens` chunks long) directly and through the gateway,
 alternating rounds so machine noise hits both alike. Time to first token is
 measured to the first chunk with generated text (content or reasoning; vLLM's

@@ -12,8 +12,8 @@ telemetry, say) can reach another address.
 Upstreams: bench/fast_upstream.py (no model work: what is measured is the
 gateway's own cost) and the real vLLM CPU engine with the tiny random model.
 Bastion runs as `bastion serve` on SQLite with strict audit (each call's intent
-record durable before it is forwarded and its final record before the answer
-returns, chained, checkpointed and signed) and a policy with content detectors
+record committed before it is forwarded, and on disk with its final record
+before the answer returns; chained, checkpointed and signed) and a policy with content detectors
 and rate limits on. After the scenarios, a leak run sends Bastion 100,000 more
 requests and reads its memory as it goes.
 """

@@ -80,8 +80,8 @@ SUITE_POLICY = ROOT / "bench" / "suite" / "policy.yaml"
 def bastion(
     upstreams: list[Upstream], work: Path, *, audit_mode: str = "strict", workers: int = 1, redis_url: str = ""
 ) -> Target:
-    """`bastion serve` on SQLite with strict audit (every record durable before
-    the call goes on or the answer returns), chained and checkpointed, and a
+    """`bastion serve` on SQLite with strict audit (the intent committed before
+    the call goes on, every record on disk before the answer returns), chained and checkpointed, and a
     policy with content detectors and rate limits switched on. With several
     workers the rate limits are held in Redis (`redis_url`), as they must be."""
     from gateway import migrate
