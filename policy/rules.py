@@ -11,6 +11,7 @@ decision reports and the audit trail records.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -56,13 +57,18 @@ class ClientList:
     networks: tuple[Network, ...]
 
     def allows(self, addr: str | None) -> bool:
-        if addr is None:
-            return False
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in n for n in self.networks)
+        ip = None if addr is None else _address(addr)
+        return ip is not None and any(ip in n for n in self.networks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address parsed once: callers come back from the same few
+    addresses, and parsing one costs more than the rest of the check."""
+    try:
+        return ipaddress.ip_address(addr)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
