@@ -78,12 +78,19 @@ SUITE_POLICY = ROOT / "bench" / "suite" / "policy.yaml"
 
 
 def bastion(
-    upstreams: list[Upstream], work: Path, *, audit_mode: str = "strict", workers: int = 1, redis_url: str = ""
+    upstreams: list[Upstream],
+    work: Path,
+    *,
+    audit_mode: str = "strict",
+    workers: int = 1,
+    redis_url: str = "",
+    env: dict[str, str] | None = None,
 ) -> Target:
     """`bastion serve` on SQLite with strict audit (the intent committed before
     the call goes on, every record on disk before the answer returns), chained and checkpointed, and a
     policy with content detectors and rate limits switched on. With several
-    workers the rate limits are held in Redis (`redis_url`), as they must be."""
+    workers the rate limits are held in Redis (`redis_url`), as they must be.
+    `env`: the gateway process's environment (default: this one's)."""
     from gateway import migrate
     from tests.support import EngineRef, free_port, write_config
     from tests.support import bastion as run_bastion
@@ -108,7 +115,7 @@ def bastion(
     migrate.upgrade(db_url)
     created = run_bastion("keys", "create", "--config", str(config), "--name", "bench", "--team", "default", "--json")
     key = json.loads(created.stdout)["key"]
-    proc = procs.start("bastion", [bastion_executable(), "serve", "--config", str(config)], home / "gateway.log")
+    proc = procs.start("bastion", [bastion_executable(), "serve", "--config", str(config)], home / "gateway.log", env)
     procs.wait_http(proc, f"http://127.0.0.1:{port}/healthz", 60)
     return Target(name, proc, key, f"http://127.0.0.1:{port}")
 
