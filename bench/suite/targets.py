@@ -204,11 +204,12 @@ def available_peers() -> list[str]:
     return found
 
 
-def fast_upstream(work: Path) -> tuple[Upstream, procs.Proc]:
+def fast_upstream(work: Path, *, delay: float = 0.0) -> tuple[Upstream, procs.Proc]:
+    """bench/fast_upstream.py; `delay`: seconds before every answer."""
     from tests.support import free_port
 
     port = free_port()
-    argv = [sys.executable, str(ROOT / "bench" / "fast_upstream.py"), "--port", str(port)]
+    argv = [sys.executable, str(ROOT / "bench" / "fast_upstream.py"), "--port", str(port), "--delay", str(delay)]
     proc = procs.start("fast-upstream", argv, work / "fast-upstream.log")
     url = f"http://127.0.0.1:{port}"
     procs.wait_http(proc, url + "/health", 30)
