@@ -261,15 +261,9 @@ class Response:
         self._finish(reuse=False)
 
     def _finish(self, *, reuse: bool) -> None:
-        if self._done:
-            return
-        self._done = True
-        conn = self._conn
-        if reuse and conn.reusable:
-            self._pool._put_back(self._origin, conn)
-        else:
-            conn.abort()
-            self._pool._slot_free()
+        if not self._done:
+            self._done = True
+            self._pool._release(self._origin, self._conn, reuse=reuse)
 
 
 class EnginePool:
@@ -316,17 +310,18 @@ class EnginePool:
             conn.abort()
         return None
 
-    def _put_back(self, origin: Origin, conn: _Connection) -> None:
-        now = time.monotonic()
-        conn.idle_since = now
-        idle = self._idle.setdefault(origin, deque())
-        # Close the oldest idle connection once it has outlived the keep-alive.
-        if idle and (idle[0].closed or now - idle[0].idle_since >= self._keepalive):
-            idle.popleft().abort()
-        idle.append(conn)
-        self._slots.release()
-
-    def _slot_free(self) -> None:
+    def _release(self, origin: Origin, conn: _Connection, *, reuse: bool) -> None:
+        """A request's slot back; its connection kept idle if `reuse` and it can carry another, else dropped."""
+        if reuse and conn.reusable:
+            now = time.monotonic()
+            conn.idle_since = now
+            idle = self._idle.setdefault(origin, deque())
+            # Close the oldest idle connection once it has outlived the keep-alive.
+            if idle and (idle[0].closed or now - idle[0].idle_since >= self._keepalive):
+                idle.popleft().abort()
+            idle.append(conn)
+        else:
+            conn.abort()
         self._slots.release()
 
     async def _connect(self, origin: Origin) -> _Connection:

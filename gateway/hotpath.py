@@ -112,6 +112,10 @@ class HotPath(Protocol):
     async def close(self) -> None: ...
 
 
+# For a batch written with synced=False (PostgreSQL's asynchronous commit, this transaction only).
+_ASYNC_COMMIT = sa.text("SET LOCAL synchronous_commit TO off")
+
+
 class AsyncHotPath:
     def __init__(self, engine: AsyncEngine):
         self._engine = engine
@@ -125,7 +129,7 @@ class AsyncHotPath:
             if not batch.synced:
                 # This transaction's commit does not wait for its log flush; the
                 # next synchronous commit's flush covers it (the log is written in order).
-                await conn.execute(sa.text("SET LOCAL synchronous_commit TO off"))
+                await conn.execute(_ASYNC_COMMIT)
             for table, rows in _statements(batch):
                 await conn.execute(sa.insert(table), list(rows))
 

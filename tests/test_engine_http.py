@@ -73,14 +73,8 @@ class Engine:
         self.server.close()
 
 
-def pool(**kw: float) -> EnginePool:
-    settings = {"connect_timeout": 2.0, "read_timeout": 5.0, "size": 8, "keepalive": 4.0, **kw}
-    return EnginePool(
-        connect_timeout=settings["connect_timeout"],
-        read_timeout=settings["read_timeout"],
-        size=int(settings["size"]),
-        keepalive=settings["keepalive"],
-    )
+def pool(*, read_timeout: float = 5.0, size: int = 8, keepalive: float = 4.0) -> EnginePool:
+    return EnginePool(connect_timeout=2.0, read_timeout=read_timeout, size=size, keepalive=keepalive)
 
 
 def origin(port: int, scheme: str = "http") -> Origin:

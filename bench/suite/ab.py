@@ -21,14 +21,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.suite import load, targets
+from bench.suite import load, procs, targets
 from bench.suite.scenarios import chat
 from bench.suite.targets import ROOT, Target
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -62,11 +57,11 @@ def main() -> None:
             order = ["base", "head"] if i % 2 == 0 else ["head", "base"]
             for name in ["direct", *order]:
                 target = direct if name == "direct" else sides[name]
-                before = _cpu_seconds(target.proc.pid) if target.proc else 0.0
+                before = procs.cpu_seconds(target.proc.pid) if target.proc else 0.0
                 m = load.wrk(target.endpoint(fast), body, args.connections, args.seconds)
                 runs[name].append(m)
                 if target.proc:
-                    cpu[name].append(1000 * (_cpu_seconds(target.proc.pid) - before) / max(m.requests, 1))
+                    cpu[name].append(1000 * (procs.cpu_seconds(target.proc.pid) - before) / max(m.requests, 1))
         d50 = statistics.median(m.p50_ms for m in runs["direct"])
         d99 = statistics.median(m.p99_ms for m in runs["direct"])
         print(f"c={args.connections}, {args.rounds} rounds of {args.seconds:g} s; base {args.base} against this tree")

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.suite import procs, targets
+from bench.suite import load, procs, targets
 from bench.suite.scenarios import chat
 from bench.suite.targets import ROOT, Endpoint
 
@@ -53,11 +53,6 @@ class Client:
         if response.status != 200 or not response_body:
             raise RuntimeError(f"{self._path}: {response.status} {response_body[:200]!r}")
         return elapsed
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -117,7 +112,7 @@ def main() -> None:
     print("| | p50 ms | p90 ms | p99 ms |")
     print("| --- | ---: | ---: | ---: |")
     for name, values in (("direct", ms[0]), ("bastion", ms[1]), ("added (per pair)", added)):
-        p50, p90, p99 = (percentile(values, q) for q in (0.5, 0.9, 0.99))
+        p50, p90, p99 = (load.percentile(values, q) or 0.0 for q in (0.5, 0.9, 0.99))
         print(f"| {name} | {p50:.2f} | {p90:.2f} | {p99:.2f} |")
     quarter = len(added) // 4
     quarters = [statistics.median(added[i * quarter : (i + 1) * quarter]) for i in range(4)]
