@@ -4,14 +4,16 @@ Two implementations behind one interface, chosen by the database URL:
 
 - PostgreSQL: SQLAlchemy Core over the async engine (asyncpg is natively
   async, so a statement costs no thread hand-off).
-- SQLite: the sqlite3 driver itself, each piece of work run whole on a
-  dedicated thread (one for writes, so batches stay in order and share one
-  fsync; one for reads), with SQL compiled once from the same SQLAlchemy
-  statements. aiosqlite hands every cursor call (execute, fetch, close, the
-  pool's rollback) to its thread separately; measured on this 2-core machine
-  that made a key look-up 0.8 ms and a durable audit write 0.7-1.5 ms. One
-  hand-off per batch is what the latency budget allows, and the thread holds
-  the GIL only for the few lines around the driver's calls (which release it).
+- SQLite: the sqlite3 driver itself, with SQL compiled once from the same
+  SQLAlchemy statements. A key look-up and an audit batch each run on the
+  event loop when the file lets them at once (no lock to wait for), and
+  otherwise whole on a dedicated thread (one for writes, one for reads), where
+  waiting blocks no one. aiosqlite hands every cursor call (execute, fetch,
+  close, the pool's rollback) to its thread separately; measured on this
+  2-core machine that made a key look-up 0.8 ms and a durable audit write
+  0.7-1.5 ms. Even one hand-off each way costs more than the work: committing
+  on the loop took 0.29 ms of CPU and 0.3 ms of latency off every call
+  (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -299,14 +301,18 @@ class ThreadedSQLiteHotPath:
         self._busy_timeout_ms = busy_timeout_ms
         self._writer = _Lane(lambda: self._connect(cache_kib=WRITER_CACHE_KIB), "audit-sqlite-writer")
         self._reader = _Lane(lambda: self._connect(query_only=True), "keys-sqlite-reader")
-        # Key look-ups first try a connection used on the event loop itself,
-        # which never waits for a lock (timeout 0) and only reads.
+        # Key look-ups and audit batches first try connections used on the
+        # event loop itself, which never wait for a lock (timeout 0).
         self._inline: sqlite3.Connection | None = None
+        self._inline_writer: sqlite3.Connection | None = None
 
-    def _connect(self, *, cache_kib: int | None = None, query_only: bool = False) -> sqlite3.Connection:
+    def _connect(
+        self, *, cache_kib: int | None = None, query_only: bool = False, wait: bool = True
+    ) -> sqlite3.Connection:
         # The same durability pragmas as every other connection (gateway.db).
-        conn = sqlite3.connect(self._path, timeout=self._busy_timeout_ms / 1000)
-        sqlite_pragmas(self._busy_timeout_ms)(conn, None)
+        busy_timeout_ms = self._busy_timeout_ms if wait else 0
+        conn = sqlite3.connect(self._path, timeout=busy_timeout_ms / 1000)
+        sqlite_pragmas(busy_timeout_ms)(conn, None)
         if cache_kib:
             conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         if query_only:
@@ -352,7 +358,38 @@ class ThreadedSQLiteHotPath:
                 for statement, params in statements:
                     conn.executemany(statement, params)
 
-        await self._writer.run(write)
+        if not self._write_inline(write):
+            await self._writer.run(write)
+
+    def _write_inline(self, write: Callable[[sqlite3.Connection], None]) -> bool:
+        """Commit on the event loop if the write lock is free at once; False if it is not.
+
+        The audit writer runs one batch at a time, so this connection and the
+        writer thread's never both hold a transaction. Another process holding
+        the lock (a second gateway worker, the CLI) sends the batch to the
+        writer thread, which waits up to the busy timeout without stopping the
+        loop. A sync on the loop stalls the gateway as long as the disk does;
+        no answer can be released before its record is on disk anyway.
+        """
+        try:
+            if self._inline_writer is None:
+                self._inline_writer = self._connect(cache_kib=WRITER_CACHE_KIB, wait=False)
+            write(self._inline_writer)
+        except sqlite3.Error as exc:
+            if not _is_busy(exc):
+                # Dropped (as the writer thread drops its own); the next batch reconnects.
+                self._drop_inline_writer()
+                raise
+            if self._inline_writer is not None and self._inline_writer.in_transaction:
+                self._inline_writer.rollback()
+            return False
+        return True
+
+    def _drop_inline_writer(self) -> None:
+        if self._inline_writer is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._inline_writer.close()
+            self._inline_writer = None
 
     async def stream_tail(self, stream_id: str) -> StreamTail:
         return await self._writer.run(lambda conn: _read_tail(conn, stream_id))
@@ -361,6 +398,13 @@ class ThreadedSQLiteHotPath:
         await self._writer.close()
         await self._reader.close()
         self._drop_inline()
+        self._drop_inline_writer()
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (any extended code): another connection holds the lock."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def hot_path_for(url: str, engine: AsyncEngine, *, busy_timeout_ms: int) -> HotPath:

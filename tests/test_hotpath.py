@@ -25,7 +25,7 @@ from gateway import migrate
 from gateway.audit.record import new_request_id
 from gateway.db import create_engine
 from gateway.errors import Unauthenticated
-from gateway.hotpath import ThreadedSQLiteHotPath
+from gateway.hotpath import Batch, ThreadedSQLiteHotPath
 from gateway.keys import KeyStore
 
 PEPPER = b"p" * 32
@@ -108,6 +108,53 @@ def test_locked_file_waits_on_the_reader_thread_not_the_loop(db_url: str) -> Non
     assert name == "b"  # read once the lock went, so it sees the update
     assert waited >= 0.4
     assert ticks >= 20  # the loop kept running while the look-up waited
+
+
+def test_a_batch_waits_for_a_held_write_lock_on_the_writer_thread_not_the_loop(db_url: str) -> None:
+    """Audit batches commit on the event loop while the write lock is free. One
+    that finds it held (another process writing) waits on the writer thread:
+    the loop runs on, and the batch lands once the lock is released."""
+    path = db_url.split("///", 1)[1]
+    now = datetime.now(UTC)
+
+    def batch(request_id: str) -> Batch:
+        row = dict(request_id=request_id, phase="intent", started_at=now, method="POST", route="/v1/x", stream=False)
+        return Batch([row])
+
+    async def go(locker: sqlite3.Connection) -> tuple[float, int, list[str]]:
+        hot = ThreadedSQLiteHotPath(db_url, busy_timeout_ms=5000)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        try:
+            await hot.write_batch(batch("free"))
+            locker.execute("BEGIN IMMEDIATE")
+            release = threading.Timer(0.5, lambda: locker.execute("COMMIT"))
+            release.start()
+            t0 = time.monotonic()
+            await hot.write_batch(batch("held"))
+            waited = time.monotonic() - t0
+            release.join()
+            await hot.write_batch(batch("free again"))
+            return waited, ticks, [r for (r,) in locker.execute("SELECT request_id FROM audit_records ORDER BY rowid")]
+        finally:
+            ticker.cancel()
+            await hot.close()
+
+    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        waited, ticks, rows = asyncio.run(go(locker))
+    finally:
+        locker.close()
+    assert rows == ["free", "held", "free again"]
+    assert waited >= 0.4  # it waited for the lock rather than failing
+    assert ticks >= 20  # and the loop kept running meanwhile
 
 
 def test_request_ids_are_uuid7_in_time_order() -> None:
