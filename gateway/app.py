@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import structlog
 from litestar import Litestar, Request, Response, get, post, route
+from litestar.handlers import HTTPRouteHandler
 from litestar.exceptions import HTTPException
 from litestar.types import Method
 from sqlalchemy import insert, update
@@ -74,6 +75,20 @@ async def audit_stats(request: Request[Any, Any, Any]) -> Response[bytes]:
 @get("/admin/audit/verify")
 async def audit_verify(request: Request[Any, Any, Any]) -> Response[bytes]:
     return await auditor.verify(request, _svc(request))
+
+
+def _wrong_methods(handler: HTTPRouteHandler) -> list[HTTPRouteHandler]:
+    """Handlers for every other method on `handler`'s paths: a 405 in OpenAI's
+    shape, with an `allow` header and an audit record like every refusal
+    (Litestar's own 405 comes from an exception handler, which cannot await the audit writer)."""
+    allowed = sorted(handler.http_methods)
+    # OPTIONS stays Litestar's own: 204 with an `allow` header on every path.
+    others: list[Method] = [m for m in ALL_METHODS if m not in allowed and m != "OPTIONS"]
+
+    async def refuse(request: Request[Any, Any, Any]) -> Response[bytes]:
+        return await calls.wrong_method(request, _svc(request), allowed)
+
+    return [route(path, http_method=others, status_code=405, name=f"wrong-method:{path}")(refuse) for path in handler.paths]
 
 
 @route("/{path:path}", http_method=ALL_METHODS)
@@ -185,20 +200,20 @@ def create_app(settings: Settings, preverified: dict[str, Verification] | None =
             await app.state.services.close()
             log.info("gateway.stopped")
 
+    handlers = [
+        chat_completions,
+        completions,
+        models,
+        healthz,
+        readyz,
+        admin_verify_models,
+        audit_events,
+        audit_event,
+        audit_stats,
+        audit_verify,
+    ]
     return Litestar(
-        route_handlers=[
-            chat_completions,
-            completions,
-            models,
-            healthz,
-            readyz,
-            admin_verify_models,
-            audit_events,
-            audit_event,
-            audit_stats,
-            audit_verify,
-            unknown_route,
-        ],
+        route_handlers=[*handlers, *(w for h in handlers for w in _wrong_methods(h)), unknown_route],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_exception, Exception: _internal_error},
         # The gateway reads bodies itself, with its own limit and an audited 413.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +30,7 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     LimiterDown,
+    MethodNotAllowed,
     ModelNotFound,
     ModelUnavailable,
     NotFound,
@@ -562,6 +563,16 @@ async def answer(svc: Services, call: Call, body: bytes, detail: dict[str, Any] 
     except AuditUnavailable as err:
         return error_response(call, err)
     return Response(body, media_type=JSON, headers=headers_for(call))
+
+
+async def wrong_method(request: Request[Any, Any, Any], svc: Services, allowed: Sequence[str]) -> Response[bytes]:
+    call = Call.begin(request)
+    err = MethodNotAllowed(
+        f"{request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}.",
+        allowed=allowed,
+        audit_reason="method_not_allowed",
+    )
+    return await refuse(svc, call, err)
 
 
 async def not_found(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:

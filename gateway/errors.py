@@ -8,6 +8,7 @@ caller, but not to the auditor).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import msgspec
 
@@ -79,6 +80,19 @@ class NotFound(GatewayError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allowed: Sequence[str], **kwargs: str | None):
+        super().__init__(message, **kwargs)
+        self.allowed = tuple(allowed)
+
+    def headers(self) -> dict[str, str]:
+        return {"allow": ", ".join(self.allowed)}
 
 
 class PayloadTooLarge(GatewayError):

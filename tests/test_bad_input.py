@@ -94,9 +94,20 @@ def test_unknown_route_is_404_and_audited(gw: Gateway, key: str) -> None:
     assert gw.final(r.headers["x-request-id"])["route"] == "/v1/embeddings"
 
 
-def test_wrong_method_is_openai_shaped(gw: Gateway) -> None:
-    r = httpx.get(gw.url + "/v1/chat/completions")
-    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+def test_wrong_method_is_405_openai_shaped_and_audited(gw: Gateway) -> None:
+    for method, path, allowed in (
+        ("GET", "/v1/chat/completions", "POST"),
+        ("DELETE", "/v1/models", "GET"),
+        ("PUT", "/admin/audit/events/0123", "GET"),
+        ("POST", "/healthz", "GET"),
+    ):
+        r = httpx.request(method, gw.url + path)
+        assert r.status_code == 405, (method, path)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.json()["error"]["code"] == "method_not_allowed" and r.headers["allow"] == allowed
+        final = gw.final(r.headers["x-request-id"])
+        assert (final["method"], final["route"], final["http_status"]) == (method, path, 405)
+        assert final["error_type"] == "method_not_allowed"
 
 
 def test_gateway_survives_all_of_it(gw: Gateway, key: str) -> None:
