@@ -13,8 +13,8 @@ from typing import Any
 import msgspec
 import structlog
 from litestar import Litestar, Request, Response, get, post, route
-from litestar.handlers import HTTPRouteHandler
 from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
 from litestar.types import Method
 from sqlalchemy import insert, update
 
@@ -88,7 +88,9 @@ def _wrong_methods(handler: HTTPRouteHandler) -> list[HTTPRouteHandler]:
     async def refuse(request: Request[Any, Any, Any]) -> Response[bytes]:
         return await calls.wrong_method(request, _svc(request), allowed)
 
-    return [route(path, http_method=others, status_code=405, name=f"wrong-method:{path}")(refuse) for path in handler.paths]
+    return [
+        route(path, http_method=others, status_code=405, name=f"wrong-method:{path}")(refuse) for path in handler.paths
+    ]
 
 
 @route("/{path:path}", http_method=ALL_METHODS)
