@@ -41,7 +41,7 @@ def _params(request: Request[Any, Any, Any]) -> dict[str, str]:
 
 async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
     """GET /admin/audit/events: a page as JSON, or every match as JSON lines or CSV."""
-    call = Call.begin(request)
+    call = Call.begin(request, svc.proxies)
     try:
         await authenticate(svc, request, call, AUDIT_ROLES)
         params = _params(request)
@@ -90,7 +90,7 @@ async def _csv(rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
 
 async def event(request: Request[Any, Any, Any], svc: Services, request_id: str) -> Response[bytes]:
     """GET /admin/audit/events/{request_id}[?decrypt=true]: one call's records and payloads."""
-    call = Call.begin(request)
+    call = Call.begin(request, svc.proxies)
     try:
         principal = await authenticate(svc, request, call, AUDIT_ROLES)
         params = _params(request)
@@ -139,7 +139,7 @@ def _decrypt_into(
 
 async def stats(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
     """GET /admin/audit/stats?bucket=hour&...: calls and tokens by bucket, model, team, outcome."""
-    call = Call.begin(request)
+    call = Call.begin(request, svc.proxies)
     try:
         await authenticate(svc, request, call, AUDIT_ROLES)
         params = _params(request)
@@ -154,7 +154,7 @@ async def stats(request: Request[Any, Any, Any], svc: Services) -> Response[byte
 
 async def verify(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
     """GET /admin/audit/verify: the whole trail, checked on a worker thread (the loop keeps serving)."""
-    call = Call.begin(request)
+    call = Call.begin(request, svc.proxies)
     try:
         await authenticate(svc, request, call, AUDIT_ROLES)
         try:

@@ -23,6 +23,7 @@ from litestar import Request, Response
 
 from gateway.audit.record import AuditRecord, detail_text, new_request_id
 from gateway.audit.writer import write_quietly
+from gateway.client_address import Networks, client_of
 from gateway.errors import (
     AuditUnavailable,
     BadRequest,
@@ -64,7 +65,10 @@ class Call:
     request_id: str
     method: str
     route: str
+    # The caller's address: what the audit record and policy's client networks see.
     client_addr: str | None
+    # Set when a trusted proxy forwarded the call: the proxy's own address.
+    peer_addr: str | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     t0: float = field(default_factory=time.perf_counter)
     principal: Principal | None = None
@@ -89,15 +93,21 @@ class Call:
     strip_reasoning: bool = True
 
     @classmethod
-    def begin(cls, request: Request[Any, Any, Any]) -> Call:
-        call = cls(
-            request_id=new_request_id(),
-            method=request.method,
-            route=request.url.path,
-            client_addr=request.client.host if request.client else None,
-        )
+    def begin(cls, request: Request[Any, Any, Any], proxies: Networks) -> Call:
+        """A call's record begun: its id, and where it came from (gateway/client_address.py)."""
+        peer = request.client.host if request.client else None
+        client = client_of(peer, request.headers.getall("x-forwarded-for", []), proxies) if proxies else peer
+        call = cls(request_id=new_request_id(), method=request.method, route=request.url.path, client_addr=client)
+        if client != peer:
+            call.peer_addr = peer
+            call.detail["proxy"] = peer
         structlog.contextvars.bind_contextvars(request_id=call.request_id)
         return call
+
+    @property
+    def connection_addr(self) -> str | None:
+        """The connection's own peer: the proxy, for a call a trusted proxy forwarded."""
+        return self.peer_addr or self.client_addr
 
     def record(self, phase: str, **fields: Any) -> AuditRecord:
         p = self.principal
@@ -177,7 +187,7 @@ async def refuse(svc: Services, call: Call, err: GatewayError) -> Response[bytes
 
 
 async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Call, roles: frozenset[str]) -> Principal:
-    principal = await svc.auth.authenticate(request.scope, request.headers, call.client_addr)  # type: ignore[arg-type]
+    principal = await svc.auth.authenticate(request.scope, request.headers, call.connection_addr)  # type: ignore[arg-type]
     call.principal = principal
     identity = principal.audit()
     if identity:
@@ -218,7 +228,7 @@ def _too_large(limit: int) -> PayloadTooLarge:
 
 
 async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, path: str) -> Response[Any]:
-    call = Call.begin(request)
+    call = Call.begin(request, svc.proxies)
     lease: Lease | None = None
     try:
         principal = await authenticate(svc, request, call, INFERENCE_ROLES)
@@ -528,7 +538,7 @@ async def _relay(
 
 
 async def list_models(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
-    call = Call.begin(request)
+    call = Call.begin(request, svc.proxies)
     try:
         principal = await authenticate(svc, request, call, INFERENCE_ROLES)
     except GatewayError as err:
@@ -544,7 +554,7 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
 
 async def verify_models(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
     """POST /admin/models/verify: re-verify every model now; answer with their states."""
-    call = Call.begin(request)
+    call = Call.begin(request, svc.proxies)
     try:
         await authenticate(svc, request, call, ADMIN_ROLES)
         await svc.integrity.verify_all("admin")
@@ -566,7 +576,7 @@ async def answer(svc: Services, call: Call, body: bytes, detail: dict[str, Any] 
 
 
 async def wrong_method(request: Request[Any, Any, Any], svc: Services, allowed: Sequence[str]) -> Response[bytes]:
-    call = Call.begin(request)
+    call = Call.begin(request, svc.proxies)
     err = MethodNotAllowed(
         f"{request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}.",
         allowed=allowed,
@@ -576,7 +586,7 @@ async def wrong_method(request: Request[Any, Any, Any], svc: Services, allowed: 
 
 
 async def not_found(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
-    call = Call.begin(request)
+    call = Call.begin(request, svc.proxies)
     err = NotFound(
         f"Unknown route: {request.method} {request.url.path}", code="unknown_url", audit_reason="unknown_route"
     )

@@ -73,8 +73,9 @@ class Authenticator:
         if self._oidc is not None:
             await self._oidc.close()
 
-    async def authenticate(self, scope: dict[str, Any], headers: Any, client_addr: str | None) -> Principal:
-        cert = self._certs.of(scope, headers, client_addr) if self._certs else None
+    async def authenticate(self, scope: dict[str, Any], headers: Any, peer_addr: str | None) -> Principal:
+        """The caller; `peer_addr` is the connection's own peer (for a forwarded certificate's proxy check)."""
+        cert = self._certs.of(scope, headers, peer_addr) if self._certs else None
         authorization = headers.get("authorization")
         if authorization and (cert is None or _is_credential(authorization)):
             principal = await self._bearer(authorization)

@@ -14,7 +14,6 @@ client CA and within its validity.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+from gateway.client_address import Networks
 from gateway.errors import Unauthenticated
 from gateway.http_protocol import GatewayHttpProtocol
 from gateway.settings import MtlsSettings
@@ -81,15 +81,17 @@ class ClientCertificates:
             path = Path(settings.client_ca)
             path = path if path.is_absolute() else base_dir / path
             self._cas = x509.load_pem_x509_certificates(path.read_bytes())
-        self._proxies = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
+        self._proxies = Networks(settings.trusted_proxies)
         self._header = settings.proxy_header.lower()
 
-    def of(self, scope: dict[str, Any], headers: Any, client_addr: str | None) -> x509.Certificate | None:
+    def of(self, scope: dict[str, Any], headers: Any, peer_addr: str | None) -> x509.Certificate | None:
+        """The certificate of the call's caller, if any. `peer_addr` is the
+        connection's own peer (never an address named by X-Forwarded-For)."""
         if self._header:
             forwarded = headers.get(self._header)
             if forwarded is None:
                 return None
-            if not self._trusted(client_addr):
+            if peer_addr not in self._proxies:
                 raise Unauthenticated(
                     "A client certificate header was sent from an address that is not a trusted proxy.",
                     audit_reason="untrusted_cert_header",
@@ -97,13 +99,6 @@ class ClientCertificates:
             return self._checked(forwarded)
         chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain")
         return x509.load_pem_x509_certificate(chain[0].encode()) if chain else None
-
-    def _trusted(self, addr: str | None) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr or "")
-        except ValueError:
-            return False
-        return any(ip in n for n in self._proxies)
 
     def _checked(self, forwarded: str) -> x509.Certificate:
         try:

@@ -56,6 +56,9 @@ def uvicorn_config(settings: Settings, preverified: dict[str, Verification] | No
         access_log=False,
         log_config=None,
         server_header=False,
+        # X-Forwarded-For is ours to read, and only from gateway.trusted_proxies
+        # (gateway/client_address.py); uvicorn's would trust any local process.
+        proxy_headers=False,
         timeout_graceful_shutdown=30,
         **tls,  # type: ignore[arg-type]
     )

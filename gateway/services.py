@@ -19,6 +19,7 @@ from gateway.audit.capture import KeyringError, Sealer, load_keyring
 from gateway.audit.chain import Signer
 from gateway.audit.record import system_record
 from gateway.audit.writer import AuditWriter, write_quietly
+from gateway.client_address import Networks
 from gateway.db import create_engine
 from gateway.forward import Forwarder, Upstream
 from gateway.hotpath import HotPath, hot_path_for
@@ -53,6 +54,8 @@ class Services:
     sealer: Sealer | None = None
     # Fetches allow-listed remote images; None when [media.fetch] allows no host.
     images: ImageFetcher | None = None
+    # Proxies whose X-Forwarded-For names the caller (gateway.trusted_proxies; none by default).
+    proxies: Networks = field(default_factory=lambda: Networks(()))
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -91,6 +94,7 @@ class Services:
             limiter=limiter_for(settings),
             sealer=sealer,
             images=image_fetcher(settings),
+            proxies=Networks(g.trusted_proxies),
         )
         await svc._record_policy("policy.loaded", "boot", None)
         boot = integrity.verify_all("boot", preverified)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from engine.spec import EngineSpec
+from gateway.client_address import Networks
 
 DEFAULT_CONFIG_NAME = "bastion.toml"
 CONFIG_ENV = "BASTION_CONFIG"
@@ -45,6 +46,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # that dies). Each has its own audit stream and engine pool;
     # rate limits must then be shared (policy.rate_limits.backend = "redis").
     workers: int = 1
+    # Networks (CIDR) of proxies in front of the gateway whose X-Forwarded-For
+    # names the caller. Empty: the connection's peer is the caller, whatever
+    # the headers say (gateway/client_address.py).
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
 
 
 class DatabaseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -364,6 +369,7 @@ def _check(settings: Settings, path: Path) -> None:
         raise ConfigError(f"{path}: gateway.tls_cert and gateway.tls_key must be set together")
     if settings.gateway.workers < 1:
         raise ConfigError(f"{path}: gateway.workers must be at least 1")
+    _check_networks(f"{path}: gateway.trusted_proxies", settings.gateway.trusted_proxies)
     if settings.gateway.workers > 1 and settings.policy.rate_limits.backend != "redis":
         # In-memory limits would be per process: N workers would allow N times the limit.
         raise ConfigError(
@@ -407,10 +413,18 @@ def _check_auth(auth: AuthSettings, path: Path) -> None:
         if not i.algorithms or not i.audience:
             raise ConfigError(f"{path}: auth.oidc {i.issuer!r}: audience and algorithms must not be empty")
     m = auth.mtls
+    _check_networks(f"{path}: auth.mtls.trusted_proxies", m.trusted_proxies)
     if m.proxy_header and not m.trusted_proxies:
         raise ConfigError(f"{path}: auth.mtls.proxy_header needs trusted_proxies (the proxy's addresses)")
     if m.proxy_header and not m.client_ca:
         raise ConfigError(f"{path}: auth.mtls.proxy_header needs client_ca (forwarded certificates are checked too)")
+
+
+def _check_networks(where: str, cidrs: list[str]) -> None:
+    try:
+        Networks(cidrs)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _https_or_loopback(url: str) -> bool:

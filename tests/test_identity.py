@@ -459,8 +459,11 @@ def test_client_certificate_forwarded_by_a_trusted_proxy(
     assert r.status_code == 200 and gw_final(trusting, r)["auth_method"] == "mtls"
     refused(trusting, forwarded(trusting, expired), 401, "cert_expired")
     refused(trusting, forwarded(trusting, foreign), 401, "foreign_cert")
-    # The same header from an address that is not the proxy is a forgery.
+    # The same header from an address that is not the proxy is a forgery,
+    # also when X-Forwarded-For names the proxy.
     refused(distrusting, forwarded(distrusting, good), 401, "untrusted_cert_header")
+    spoofed = {"x-ssl-client-cert": quote(good[0].read_text()), "x-forwarded-for": "10.0.0.1"}
+    refused(distrusting, distrusting.get("/v1/models", headers=spoofed), 401, "untrusted_cert_header")
 
 
 def test_certificate_names_by_kind(tmp_path: Path) -> None:

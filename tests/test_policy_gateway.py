@@ -185,6 +185,12 @@ def test_every_rule_allows_and_denies_through_the_gateway(rules_gw: tuple[Gatewa
 
     # Client addresses: the tests call from 127.0.0.1.
     denied("faraway", chat_body(), 403, "policy_denied", "teams.faraway.clients")
+    # Naming another address in X-Forwarded-For changes nothing: no proxy is trusted.
+    forged = {"x-forwarded-for": "10.1.2.3"}
+    r = gw.post("/v1/chat/completions", key=keys["faraway"], json=chat_body(), headers=forged)
+    d = decision(gw, r)
+    assert r.status_code == 403 and d["rule"] == "teams.faraway.clients"
+    assert d["_final"]["client_addr"] == "127.0.0.1"
 
     # A content part the gateway cannot read is refused, not passed on unchecked.
     r = post("open", chat_body([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]))
