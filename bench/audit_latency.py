@@ -3,8 +3,8 @@
 At concurrency 1 a call waits for two writes (its intent, committed, and its
 final record, synced to disk), one after the other, so what each costs beyond
 the disk's own commit is latency every call pays. This sends records one at a time through the
-gateway's AuditWriter and SQLite hot path (chain link, writer task, hand-off to
-the writer thread, commit with fsync, answer back on the event loop) and, into
+gateway's AuditWriter and SQLite hot path (chain link, writer task, commit with
+fsync on the event loop, the caller's future answered) and, into
 a second database in the same run, the same rows inserted and committed by the
 sqlite3 driver on the calling thread (the floor: the same statement and the same
 fsync, with nothing around them). Rounds alternate the two so machine noise
