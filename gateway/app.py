@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -177,6 +178,8 @@ def create_app(settings: Settings, preverified: dict[str, Verification] | None =
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         svc = app.state.services = await Services.start(settings, preverified)
+        # For requests the HTTP server refuses before they reach the app (gateway/http_protocol.py).
+        app.state.refuse_unparsed = functools.partial(calls.refuse_unparsed, svc)
         _on_sighup(
             lambda: (
                 svc.reload_keyring(),

@@ -585,6 +585,21 @@ async def wrong_method(request: Request[Any, Any, Any], svc: Services, allowed: 
     return await refuse(svc, call, err)
 
 
+def refuse_unparsed(svc: Services, client_addr: str | None, err: GatewayError) -> str:
+    """Audit a request the HTTP server refused before it was one (not valid
+    HTTP, or a head over the limit: gateway/http_protocol.py); returns its request id.
+
+    The server answers at once and closes the connection, so the record is
+    written by a task: nothing was forwarded, and nobody waits on it.
+    """
+    call = Call(request_id=new_request_id(), method="-", route="-", client_addr=client_addr)
+    final = call.final(
+        outcome="refused", http_status=err.status, error_type=err.audit_reason, error_message=err.message
+    )
+    svc.spawn(write_quietly(svc.audit, final))
+    return call.request_id
+
+
 async def not_found(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
     call = Call.begin(request, svc.proxies)
     err = NotFound(

@@ -101,6 +101,12 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class HeadTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
 class EngineError(GatewayError):
     """The engine answered, but not with anything usable (502)."""
 

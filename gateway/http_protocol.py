@@ -7,14 +7,31 @@ system calls and two TCP segments for every answer, the first of which wakes
 the client only to wait for the second. Litestar sends both in the same turn
 of the loop, so holding writes until the end of that turn sends them together.
 A streamed answer's chunks come in turns of their own and go out as they come.
+
+It also bounds a request's head (its line and headers) at MAX_HEAD_BYTES.
+httptools buffers a header until its line ends and uvicorn sets no limit, so
+one unauthenticated connection sending an endless header grew the gateway
+without bound (200 MB of header: 104 → 389 MB resident). Past the limit the
+answer is 431; a request that is not valid HTTP gets 400 (uvicorn's own is
+plain text). Both are in OpenAI's shape and audited, like every refusal.
 """
 
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from typing import Any
 
+import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.errors import BadRequest, GatewayError, HeadTooLarge
+
+log = structlog.get_logger("bastion.http")
+
+# The most a request's line and headers may take together. nginx's default
+# (large_client_header_buffers) allows 32 KiB; an OIDC token fits many times.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class CoalescingTransport:
@@ -48,9 +65,57 @@ class CoalescingTransport:
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, writing through a CoalescingTransport."""
+    """uvicorn's httptools protocol, writing through a CoalescingTransport, with
+    a bound on a request's head and refusals in OpenAI's shape."""
+
+    # True from the end of one request (or the connection's start) until the
+    # next request's headers are complete; bytes received meanwhile are counted.
+    _in_head = True
+    _head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # Flow control (pause/resume reading and writing) stays on the real transport.
         self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Only a head still unfinished after all this is refused: a chunk that
+        # also carries a large body completed its head while being parsed.
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._refuse(
+                HeadTooLarge(
+                    f"The request line and headers are larger than {MAX_HEAD_BYTES} bytes.",
+                    audit_reason="head_too_large",
+                )
+            )
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._head_bytes = False, 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to bytes httptools cannot parse.
+        self._refuse(BadRequest("The request is not valid HTTP/1.1.", code="invalid_http"))
+
+    def _refuse(self, err: GatewayError) -> None:
+        """Answer `err` and close the connection; audited when the app has started."""
+        peer = self.client[0] if self.client else None
+        # The app's way to audit it (gateway/app.py), once its services have started.
+        audit = getattr(getattr(self.app, "state", None), "refuse_unparsed", None)
+        headers = b"content-type: application/json\r\nconnection: close\r\n"
+        if audit is not None:
+            request_id = audit(peer, err)
+            headers += b"x-request-id: " + request_id.encode() + b"\r\n"
+        else:
+            log.warning("http.refused", client_addr=peer, error_type=err.audit_reason)
+        body = err.body()
+        status = f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n".encode()
+        self.transport.write(status + headers + b"content-length: %d\r\n\r\n" % len(body) + body)
+        self.transport.close()

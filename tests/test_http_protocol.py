@@ -5,10 +5,12 @@ asks for `connection: close` (the held answer is written before the close)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
 from typing import Any
 
-from gateway.http_protocol import CoalescingTransport
+from gateway.http_protocol import MAX_HEAD_BYTES, CoalescingTransport
 from tests.conftest import GatewayFactory
 from tests.support import EngineRef, SocketDouble
 
@@ -72,3 +74,59 @@ def test_an_answer_before_connection_close_arrives_whole(make_gateway: GatewayFa
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()
     assert body == b'{"status":"ok"}'
+
+
+def _exchange(port: int, *parts: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `parts` on a fresh connection; read until the gateway closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        try:
+            for part in parts:
+                conn.sendall(part)
+        except OSError:
+            pass  # the gateway answered and closed while we were still sending
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(65536):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def test_a_request_head_is_bounded_and_refusals_are_openai_shaped_and_audited(
+    make_gateway: GatewayFactory, tripwire: SocketDouble
+) -> None:
+    """An endless header once grew the gateway without bound: now 431 past
+    MAX_HEAD_BYTES, and bytes that are not HTTP get 400, both audited."""
+    gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"max_body_bytes": 4 << 20})
+    key = gw.create_key()
+    rss = lambda: int(next(x for x in open(f"/proc/{gw.proc.pid}/status") if x.startswith("VmRSS")).split()[1])  # noqa: E731,SIM115
+    before = rss()
+
+    # 20 MB of one header, never finished: refused once the head passes the limit.
+    endless = [b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: "] + [b"a" * (1 << 20)] * 20
+    status, headers, body = _exchange(gw.port, *endless)
+    assert status == 431 and headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"
+    assert str(MAX_HEAD_BYTES) in error["message"]
+    final = gw.final(headers["x-request-id"])
+    assert (final["http_status"], final["error_type"], final["client_addr"]) == (431, "head_too_large", "127.0.0.1")
+    assert rss() - before < 10_000  # kB: the header was not kept
+
+    # Not HTTP at all.
+    status, headers, body = _exchange(gw.port, b"\x16\x03\x01 hello, this is not http\r\n\r\n")
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_http"
+    assert gw.final(headers["x-request-id"])["error_type"] == "invalid_http"
+
+    # Under the limit, a head of many headers passes; so does a large body sent
+    # in the same writes as its head (only the head counts).
+    many = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 100) for i in range(500))  # ~55 KB
+    status, _, _ = _exchange(gw.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + many + b"connection: close\r\n\r\n")
+    assert status == 200
+    body = b'{"model": "nope", "messages": [{"role": "user", "content": "' + b"a" * (3 << 20) + b'"}]}'
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n" % key.encode()
+    request += b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+    status, headers, _ = _exchange(gw.port, request + body)
+    assert status == 404 and gw.final(headers["x-request-id"])["error_type"] == "model_not_found"  # read whole
