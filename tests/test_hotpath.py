@@ -38,6 +38,27 @@ def db_url(tmp_path: Path) -> str:
     return url
 
 
+class _LoopTicks:
+    """Counts the 10 ms sleeps the event loop completes inside the block: whether it kept running."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _LoopTicks:
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            self.count += 1
+
+
 def test_inline_lookup_sees_revocation_and_expiry_at_once(db_url: str) -> None:
     async def go() -> None:
         engine = create_engine(db_url)
@@ -77,21 +98,12 @@ def test_locked_file_waits_on_the_reader_thread_not_the_loop(db_url: str) -> Non
     async def look_up(secret: str) -> tuple[str, float, int]:
         engine = create_engine(db_url)
         hot = ThreadedSQLiteHotPath(db_url, busy_timeout_ms=5000)
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
         try:
-            t0 = time.monotonic()
-            principal = await KeyStore(engine, PEPPER, hot).authenticate(f"Bearer {secret}")
-            return principal.name, time.monotonic() - t0, ticks
+            async with _LoopTicks() as ticks:
+                t0 = time.monotonic()
+                principal = await KeyStore(engine, PEPPER, hot).authenticate(f"Bearer {secret}")
+                return principal.name, time.monotonic() - t0, ticks.count
         finally:
-            ticker.cancel()
             await hot.close()
             await engine.dispose()
 
@@ -123,28 +135,20 @@ def test_a_batch_waits_for_a_held_write_lock_on_the_writer_thread_not_the_loop(d
 
     async def go(locker: sqlite3.Connection) -> tuple[float, int, list[str]]:
         hot = ThreadedSQLiteHotPath(db_url, busy_timeout_ms=5000)
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
         try:
-            await hot.write_batch(batch("free"))
-            locker.execute("BEGIN IMMEDIATE")
-            release = threading.Timer(0.5, lambda: locker.execute("COMMIT"))
-            release.start()
-            t0 = time.monotonic()
-            await hot.write_batch(batch("held"))
-            waited = time.monotonic() - t0
-            release.join()
-            await hot.write_batch(batch("free again"))
-            return waited, ticks, [r for (r,) in locker.execute("SELECT request_id FROM audit_records ORDER BY rowid")]
+            async with _LoopTicks() as ticks:
+                await hot.write_batch(batch("free"))
+                locker.execute("BEGIN IMMEDIATE")
+                release = threading.Timer(0.5, lambda: locker.execute("COMMIT"))
+                release.start()
+                t0 = time.monotonic()
+                await hot.write_batch(batch("held"))
+                waited = time.monotonic() - t0
+                release.join()
+                await hot.write_batch(batch("free again"))
+            rows = [r for (r,) in locker.execute("SELECT request_id FROM audit_records ORDER BY rowid")]
+            return waited, ticks.count, rows
         finally:
-            ticker.cancel()
             await hot.close()
 
     locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
