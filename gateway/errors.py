@@ -101,6 +101,12 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class HeadTooLarge(GatewayError):
     status = 431
     type = "invalid_request_error"

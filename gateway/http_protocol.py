@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.errors import BadRequest, GatewayError, HeadTooLarge
+from gateway.errors import BadRequest, GatewayError, HeadTooLarge, RequestTimeout
 
 log = structlog.get_logger("bastion.http")
 
@@ -66,21 +66,41 @@ class CoalescingTransport:
 
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, writing through a CoalescingTransport, with
-    a bound on a request's head and refusals in OpenAI's shape."""
+    a bound on a request's head in bytes and in time, and refusals in OpenAI's shape.
+
+    uvicorn closes a connection idle between requests (its keep-alive timeout)
+    but sets no limit on a new connection or a request's head: a client could
+    hold connections open forever by sending nothing, or a byte at a time
+    (slow loris). `header_timeout` seconds after a connection opens, or after
+    the first bytes of a request's head, a head that is still unfinished is
+    answered 408 (or, with nothing sent, the connection is just closed).
+    """
 
     # True from the end of one request (or the connection's start) until the
     # next request's headers are complete; bytes received meanwhile are counted.
     _in_head = True
     _head_bytes = 0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args: Any, header_timeout: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # Flow control (pause/resume reading and writing) stays on the real transport.
         self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
             self._head_bytes += len(data)
+            if self._head_timer is None:
+                self._arm_head_timer()
         super().data_received(data)
         # Only a head still unfinished after all this is refused: a chunk that
         # also carries a large body completed its head while being parsed.
@@ -94,11 +114,38 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head, self._head_bytes = False, 0
+        self._disarm_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self._header_timeout, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head arrived while the previous answer is still being
+            # sent: that answer is not cut off; the head gets its time afterwards.
+            self._arm_head_timer()
+        elif self._head_bytes == 0:
+            self.transport.close()  # an idle connection: nothing to answer
+        else:
+            self._refuse(
+                RequestTimeout(
+                    f"The request line and headers did not arrive within {self._header_timeout:g} seconds.",
+                    audit_reason="header_timeout",
+                )
+            )
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to bytes httptools cannot parse.

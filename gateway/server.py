@@ -50,7 +50,7 @@ def uvicorn_config(settings: Settings, preverified: dict[str, Verification] | No
         host=g.host,
         port=g.port,
         loop="uvloop",
-        http=http,
+        http=functools.partial(http, header_timeout=g.header_timeout_seconds),
         lifespan="on",
         # Our own structured line per call replaces the access log.
         access_log=False,

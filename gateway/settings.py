@@ -35,6 +35,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tls_cert: str = ""
     tls_key: str = ""
     max_body_bytes: int = 10 * 1024 * 1024
+    # Seconds a client has to send a request's line and headers, counted from
+    # the connection's start or the head's first bytes; then 408 (slow loris).
+    header_timeout_seconds: float = 30.0
     # Seconds to wait for the engine: to connect, and between bytes of its answer.
     engine_connect_timeout: float = 5.0
     engine_read_timeout: float = 300.0
@@ -369,6 +372,8 @@ def _check(settings: Settings, path: Path) -> None:
         raise ConfigError(f"{path}: gateway.tls_cert and gateway.tls_key must be set together")
     if settings.gateway.workers < 1:
         raise ConfigError(f"{path}: gateway.workers must be at least 1")
+    if settings.gateway.header_timeout_seconds <= 0:
+        raise ConfigError(f"{path}: gateway.header_timeout_seconds must be positive")
     _check_networks(f"{path}: gateway.trusted_proxies", settings.gateway.trusted_proxies)
     if settings.gateway.workers > 1 and settings.policy.rate_limits.backend != "redis":
         # In-memory limits would be per process: N workers would allow N times the limit.

@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 from gateway.http_protocol import MAX_HEAD_BYTES, CoalescingTransport
@@ -76,14 +78,18 @@ def test_an_answer_before_connection_close_arrives_whole(make_gateway: GatewayFa
     assert body == b'{"status":"ok"}'
 
 
-def _exchange(port: int, *parts: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send `parts` on a fresh connection; read until the gateway closes it."""
+def _exchange(
+    port: int, *parts: bytes, on_open: Callable[[socket.socket], None] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """Send `parts` (or let `on_open` send) on a fresh connection; read until the gateway closes it."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         try:
             for part in parts:
                 conn.sendall(part)
         except OSError:
             pass  # the gateway answered and closed while we were still sending
+        if on_open is not None:
+            on_open(conn)
         answer = b""
         with contextlib.suppress(ConnectionResetError):
             while chunk := conn.recv(65536):
@@ -130,3 +136,34 @@ def test_a_request_head_is_bounded_and_refusals_are_openai_shaped_and_audited(
     request += b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
     status, headers, _ = _exchange(gw.port, request + body)
     assert status == 404 and gw.final(headers["x-request-id"])["error_type"] == "model_not_found"  # read whole
+
+
+def test_a_request_head_must_arrive_in_time(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
+    """Slow loris: a head still unfinished `header_timeout_seconds` after its first
+    byte gets 408 (audited), however steadily its bytes trickle; a connection
+    that sends nothing is closed; a kept-alive connection is not timed by its age."""
+    gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"header_timeout_seconds": 1.0})
+
+    def trickle(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            for byte in b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: aaaaaaaaaaaaaaaaaaaa":
+                conn.sendall(bytes([byte]))
+                time.sleep(0.05)
+
+    t0 = time.monotonic()
+    status, headers, body = _exchange(gw.port, b"", on_open=trickle)
+    assert status == 408 and 0.9 < time.monotonic() - t0 < 5
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert gw.final(headers["x-request-id"])["error_type"] == "header_timeout"
+
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as conn:
+        t0 = time.monotonic()
+        assert conn.recv(100) == b""  # closed, unanswered
+        assert 0.9 < time.monotonic() - t0 < 5
+
+    request = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as conn:
+        for _ in range(2):
+            conn.sendall(request)
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(1.5)  # longer than the head's timeout, shorter than keep-alive
