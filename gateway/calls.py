@@ -67,7 +67,7 @@ class Call:
     route: str
     # The caller's address: what the audit record and policy's client networks see.
     client_addr: str | None
-    # Set when a trusted proxy forwarded the call: the proxy's own address.
+    # The connection's own peer: the proxy, for a call a trusted proxy forwarded.
     peer_addr: str | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     t0: float = field(default_factory=time.perf_counter)
@@ -97,17 +97,17 @@ class Call:
         """A call's record begun: its id, and where it came from (gateway/client_address.py)."""
         peer = request.client.host if request.client else None
         client = client_of(peer, request.headers.getall("x-forwarded-for", []), proxies) if proxies else peer
-        call = cls(request_id=new_request_id(), method=request.method, route=request.url.path, client_addr=client)
+        call = cls(
+            request_id=new_request_id(),
+            method=request.method,
+            route=request.url.path,
+            client_addr=client,
+            peer_addr=peer,
+        )
         if client != peer:
-            call.peer_addr = peer
             call.detail["proxy"] = peer
         structlog.contextvars.bind_contextvars(request_id=call.request_id)
         return call
-
-    @property
-    def connection_addr(self) -> str | None:
-        """The connection's own peer: the proxy, for a call a trusted proxy forwarded."""
-        return self.peer_addr or self.client_addr
 
     def record(self, phase: str, **fields: Any) -> AuditRecord:
         p = self.principal
@@ -136,6 +136,13 @@ class Call:
     def digest(self, data: bytes) -> str | None:
         """SHA-256 of a payload, unless the caller's team captures nothing."""
         return None if self.capture == "none" else hashlib.sha256(data).hexdigest()
+
+    def refusal(self, err: GatewayError) -> AuditRecord:
+        """The final record of a call that ends in `err`."""
+        outcome = "refused" if err.status < 500 else "error"
+        return self.final(
+            outcome=outcome, http_status=err.status, error_type=err.audit_reason, error_message=err.message
+        )
 
     def final(self, *, outcome: str, http_status: int, **fields: Any) -> AuditRecord:
         latency_ms = (time.perf_counter() - self.t0) * 1000
@@ -177,17 +184,15 @@ async def refuse(svc: Services, call: Call, err: GatewayError) -> Response[bytes
     """
     if isinstance(err, Unauthenticated):
         call.claimed_key_id = err.claimed_key_id
-    outcome = "refused" if err.status < 500 else "error"
-    record = call.final(outcome=outcome, http_status=err.status, error_type=err.audit_reason, error_message=err.message)
     try:
-        await svc.audit.write(record)
+        await svc.audit.write(call.refusal(err))
     except AuditUnavailable as audit_err:
         return error_response(call, audit_err)
     return error_response(call, err)
 
 
 async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Call, roles: frozenset[str]) -> Principal:
-    principal = await svc.auth.authenticate(request.scope, request.headers, call.connection_addr)  # type: ignore[arg-type]
+    principal = await svc.auth.authenticate(request.scope, request.headers, call.peer_addr)  # type: ignore[arg-type]
     call.principal = principal
     identity = principal.audit()
     if identity:
@@ -593,10 +598,7 @@ def refuse_unparsed(svc: Services, client_addr: str | None, err: GatewayError) -
     written by a task: nothing was forwarded, and nobody waits on it.
     """
     call = Call(request_id=new_request_id(), method="-", route="-", client_addr=client_addr)
-    final = call.final(
-        outcome="refused", http_status=err.status, error_type=err.audit_reason, error_message=err.message
-    )
-    svc.spawn(write_quietly(svc.audit, final))
+    svc.spawn(write_quietly(svc.audit, call.refusal(err)))
     return call.request_id
 
 
