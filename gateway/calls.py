@@ -39,6 +39,7 @@ from gateway.errors import (
     PolicyDenied,
     PolicyLimitExceeded,
     RateLimited,
+    RequestTimeout,
     Unauthenticated,
 )
 from gateway.forward import EngineStream, Usage, error_of, usage_of
@@ -204,9 +205,14 @@ async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Cal
     return principal
 
 
-async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+async def read_body(request: Request[Any, Any, Any], limit: int, timeout: float) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `limit`:
-    from Content-Length when given, else while counting a chunked body."""
+    from Content-Length when given, else while counting a chunked body.
+
+    All of it must arrive within `timeout` seconds (408 otherwise): a client
+    trickling a body a byte at a time would hold its connection, and the
+    call's slot in the rate limits, for as long as it liked.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -215,11 +221,17 @@ async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
             raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout:g} seconds.", audit_reason="body_timeout"
+        ) from None
     return b"".join(chunks)
 
 
@@ -237,7 +249,8 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
     lease: Lease | None = None
     try:
         principal = await authenticate(svc, request, call, INFERENCE_ROLES)
-        body = await read_body(request, svc.settings.gateway.max_body_bytes)
+        g = svc.settings.gateway
+        body = await read_body(request, g.max_body_bytes, g.body_timeout_seconds)
         call.request_sha256 = call.digest(body)
         summary = summarize(kind, body)
         call.model, call.stream = summary.model, summary.stream

@@ -106,6 +106,10 @@ class RequestTimeout(GatewayError):
     type = "invalid_request_error"
     code = "request_timeout"
 
+    def headers(self) -> dict[str, str]:
+        # What is left of the request may still be arriving: the connection cannot be reused.
+        return {"connection": "close"}
+
 
 class HeadTooLarge(GatewayError):
     status = 431
@@ -141,6 +145,17 @@ class ModelUnavailable(GatewayError):
     status = 503
     type = "api_error"
     code = "model_unavailable"
+
+
+class TooManyConnections(GatewayError):
+    """A connection over gateway.max_connections or max_connections_per_client (503)."""
+
+    status = 503
+    type = "api_error"
+    code = "too_many_connections"
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1"}
 
 
 class AuditUnavailable(GatewayError):

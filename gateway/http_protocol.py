@@ -8,12 +8,25 @@ the client only to wait for the second. Litestar sends both in the same turn
 of the loop, so holding writes until the end of that turn sends them together.
 A streamed answer's chunks come in turns of their own and go out as they come.
 
-It also bounds a request's head (its line and headers) at MAX_HEAD_BYTES.
-httptools buffers a header until its line ends and uvicorn sets no limit, so
-one unauthenticated connection sending an endless header grew the gateway
-without bound (200 MB of header: 104 → 389 MB resident). Past the limit the
-answer is 431; a request that is not valid HTTP gets 400 (uvicorn's own is
-plain text). Both are in OpenAI's shape and audited, like every refusal.
+It also guards the connection, where uvicorn does not:
+
+- a request's head (its line and headers) is bounded at MAX_HEAD_BYTES.
+  httptools buffers a header until its line ends, so one unauthenticated
+  connection sending an endless header grew the gateway without bound
+  (200 MB of header: 104 → 389 MB resident). Past the limit the answer is 431;
+- the head must arrive in time (`gateway.header_timeout_seconds`: 408);
+- a client that leaves the answer unread for `gateway.send_timeout_seconds`
+  (its socket full) is disconnected: it held its connection and engine stream;
+- a body still arriving after its answer went out (a refusal that did not
+  need it) is read and dropped for `gateway.body_timeout_seconds` at most,
+  then the connection closes: a body trickled after the answer kept it open
+  forever. Closing at once, with the body's bytes unread, would reset the
+  connection, and the client could lose the answer;
+- connections over `gateway.max_connections` (per client too) are answered
+  503 at their first bytes (gateway/connection_limits.py).
+
+A request that is not valid HTTP gets 400 (uvicorn's own is plain text).
+Refusals are in OpenAI's shape and audited, like every refusal.
 """
 
 from __future__ import annotations
@@ -25,7 +38,8 @@ from typing import Any
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.errors import BadRequest, GatewayError, HeadTooLarge, RequestTimeout
+from gateway.connection_limits import ConnectionLimits
+from gateway.errors import BadRequest, GatewayError, HeadTooLarge, RequestTimeout, TooManyConnections
 
 log = structlog.get_logger("bastion.http")
 
@@ -66,7 +80,7 @@ class CoalescingTransport:
 
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, writing through a CoalescingTransport, with
-    a bound on a request's head in bytes and in time, and refusals in OpenAI's shape.
+    the guards in this module's docstring, and refusals in OpenAI's shape.
 
     uvicorn closes a connection idle between requests (its keep-alive timeout)
     but sets no limit on a new connection or a request's head: a client could
@@ -81,22 +95,57 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _in_head = True
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
+    _send_timer: asyncio.TimerHandle | None = None
+    _linger_timer: asyncio.TimerHandle | None = None
+    # Set when this connection is one too many: its first bytes get this refusal.
+    _turned_away: TooManyConnections | None = None
+    _counted = False
 
-    def __init__(self, *args: Any, header_timeout: float = 30.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        header_timeout: float = 30.0,
+        body_timeout: float = 60.0,
+        send_timeout: float = 60.0,
+        limits: ConnectionLimits | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
+        self._send_timeout = send_timeout
+        self._limits = limits
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # Flow control (pause/resume reading and writing) stays on the real transport.
         self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
+        if self._limits is not None:
+            self._turned_away = self._limits.open(self._peer)
+            self._counted = self._turned_away is None
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
+        for timer in (self._head_timer, self._send_timer, self._linger_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._send_timer = self._linger_timer = None
+        if self._counted:
+            assert self._limits is not None
+            self._limits.close(self._peer)
+            self._counted = False
         super().connection_lost(exc)
 
+    @property
+    def _peer(self) -> str | None:
+        return self.client[0] if self.client else None
+
     def data_received(self, data: bytes) -> None:
+        if self._turned_away is not None:
+            # Answered at its first bytes, so that the client reads a reason rather than a reset.
+            if not self.transport.is_closing():
+                self._refuse(self._turned_away)
+            return
         if self._in_head:
             self._head_bytes += len(data)
             if self._head_timer is None:
@@ -112,14 +161,49 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 )
             )
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self._send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().resume_writing()
+
+    def _send_timed_out(self) -> None:
+        # Nothing can be said to a client that reads nothing. Dropping the
+        # connection ends the call as `client_closed` (gateway/streaming.py).
+        self._send_timer = None
+        log.warning("http.send_timeout", client_addr=self._peer, seconds=self._send_timeout)
+        self.transport.abort()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # (self.cycle may already be a request pipelined behind this one: it is not complete.)
+        if self.cycle.response_complete and self.cycle.more_body and not self.transport.is_closing():
+            # The answer went out before its request's body had all arrived.
+            self._linger_timer = self.loop.call_later(self._body_timeout, self.transport.close)
+
     def on_headers_complete(self) -> None:
         self._in_head, self._head_bytes = False, 0
         self._disarm_head_timer()
+        # A request pipelined behind a dropped body is not cut short by its keep-alive.
+        self._unset_keepalive_if_required()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True
+        if self._linger_timer is not None:
+            # The dropped body has all arrived: the connection is idle, and
+            # uvicorn's keep-alive timeout applies again.
+            self._linger_timer.cancel()
+            self._linger_timer = None
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def _arm_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self._header_timeout, self._head_timed_out)
@@ -153,10 +237,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, err: GatewayError) -> None:
         """Answer `err` and close the connection; audited when the app has started."""
-        peer = self.client[0] if self.client else None
+        peer = self._peer
         # The app's way to audit it (gateway/app.py), once its services have started.
         audit = getattr(getattr(self.app, "state", None), "refuse_unparsed", None)
-        headers = b"content-type: application/json\r\nconnection: close\r\n"
+        extra = {**err.headers(), "content-type": "application/json", "connection": "close"}
+        headers = b"".join(f"{name}: {value}\r\n".encode() for name, value in extra.items())
         if audit is not None:
             request_id = audit(peer, err)
             headers += b"x-request-id: " + request_id.encode() + b"\r\n"

@@ -21,6 +21,8 @@ from uvicorn.supervisors import Multiprocess
 from engine.manifest import Verification
 from gateway import logs
 from gateway.app import create_app
+from gateway.client_address import Networks
+from gateway.connection_limits import ConnectionLimits
 from gateway.http_protocol import GatewayHttpProtocol
 from gateway.mtls import TlsPeerProtocol
 from gateway.settings import Settings
@@ -50,7 +52,13 @@ def uvicorn_config(settings: Settings, preverified: dict[str, Verification] | No
         host=g.host,
         port=g.port,
         loop="uvloop",
-        http=functools.partial(http, header_timeout=g.header_timeout_seconds),
+        http=functools.partial(
+            http,
+            header_timeout=g.header_timeout_seconds,
+            body_timeout=g.body_timeout_seconds,
+            send_timeout=g.send_timeout_seconds,
+            limits=ConnectionLimits(g.max_connections, g.max_connections_per_client, Networks(g.trusted_proxies)),
+        ),
         lifespan="on",
         # Our own structured line per call replaces the access log.
         access_log=False,

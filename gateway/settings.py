@@ -38,6 +38,15 @@ class GatewaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Seconds a client has to send a request's line and headers, counted from
     # the connection's start or the head's first bytes; then 408 (slow loris).
     header_timeout_seconds: float = 30.0
+    # Seconds a client has to send a request's body once the gateway reads it; then 408.
+    body_timeout_seconds: float = 60.0
+    # Seconds a client may leave the gateway's answer unread (its socket
+    # full) before the connection is dropped (slow reader).
+    send_timeout_seconds: float = 60.0
+    # Open connections per gateway process, and per client address (a trusted
+    # proxy's connections count only in the first); more are answered 503.
+    max_connections: int = 4096
+    max_connections_per_client: int = 1024
     # Seconds to wait for the engine: to connect, and between bytes of its answer.
     engine_connect_timeout: float = 5.0
     engine_read_timeout: float = 300.0
@@ -372,8 +381,13 @@ def _check(settings: Settings, path: Path) -> None:
         raise ConfigError(f"{path}: gateway.tls_cert and gateway.tls_key must be set together")
     if settings.gateway.workers < 1:
         raise ConfigError(f"{path}: gateway.workers must be at least 1")
-    if settings.gateway.header_timeout_seconds <= 0:
-        raise ConfigError(f"{path}: gateway.header_timeout_seconds must be positive")
+    g = settings.gateway
+    if min(g.header_timeout_seconds, g.body_timeout_seconds, g.send_timeout_seconds) <= 0:
+        raise ConfigError(
+            f"{path}: gateway.header_timeout_seconds, body_timeout_seconds and send_timeout_seconds must be positive"
+        )
+    if min(g.max_connections, g.max_connections_per_client) < 1:
+        raise ConfigError(f"{path}: gateway.max_connections and max_connections_per_client must be at least 1")
     _check_networks(f"{path}: gateway.trusted_proxies", settings.gateway.trusted_proxies)
     if settings.gateway.workers > 1 and settings.policy.rate_limits.backend != "redis":
         # In-memory limits would be per process: N workers would allow N times the limit.

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,28 @@ def fetch_records(database_url: str, request_id: str | None = None) -> list[dict
     return asyncio.run(go())
 
 
+def exchange(
+    port: int, *parts: bytes, on_open: Callable[[socket.socket], None] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """Send `parts` (or let `on_open` send) on a fresh connection; read until the gateway closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        try:
+            for part in parts:
+                conn.sendall(part)
+        except OSError:
+            pass  # the gateway answered and closed while we were still sending
+        if on_open is not None:
+            on_open(conn)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(65536):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
 class SocketDouble:
     """A real TCP listener standing in for a faulty engine.
 
@@ -333,6 +356,8 @@ class SocketDouble:
     mode "close": read the request, then close without a word.
     mode "gated": answer 200 with one SSE event, wait until `gate` is set, then
     end the stream with `data: [DONE]` as vLLM does.
+    mode "flood": answer 200 and stream 16 KB events without end (a runaway
+    engine), until the gateway drops the connection.
     It records request lines, so a test can prove no call reached the engine.
     """
 
@@ -370,6 +395,15 @@ class SocketDouble:
             self.request_lines.append(head.split(b"\r\n", 1)[0])
             if self.mode == "close":
                 conn.close()
+            elif self.mode == "flood":
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                )
+                content = b"a" * 16384
+                event = _chunk(b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"' + content + b'"}}]}\n\n')
+                conn.settimeout(60)
+                while not self._stop.is_set():
+                    conn.sendall(event)
             elif self.mode in ("break", "gated"):
                 event = (
                     b'data: {"id":"x","object":"chat.completion.chunk",'

@@ -63,6 +63,8 @@ def test_keys_create_list_revoke_with_json(tmp_path: Path) -> None:
         (["keys", "list"], None),  # no config file
         (["keys", "list"], "[gateway]\nport = 'eighty'\n"),  # wrong type
         (["keys", "list"], "[gateway]\nbogus = 1\n"),  # unknown field
+        (["keys", "list"], "[gateway]\nbody_timeout_seconds = 0\n"),  # out of range
+        (["keys", "list"], "[gateway]\nmax_connections_per_client = 0\n"),
         (["keys", "list"], "not toml at all ="),
         (["keys", "create", "--role", "root", "--name", "x"], ""),  # bad choice
         (["keys", "create", "--name", "x", "--expires-in", "soon"], ""),

@@ -9,12 +9,11 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from gateway.http_protocol import MAX_HEAD_BYTES, CoalescingTransport
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef, SocketDouble
+from tests.support import EngineRef, SocketDouble, exchange
 
 
 class _Recording:
@@ -78,28 +77,6 @@ def test_an_answer_before_connection_close_arrives_whole(make_gateway: GatewayFa
     assert body == b'{"status":"ok"}'
 
 
-def _exchange(
-    port: int, *parts: bytes, on_open: Callable[[socket.socket], None] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """Send `parts` (or let `on_open` send) on a fresh connection; read until the gateway closes it."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-        try:
-            for part in parts:
-                conn.sendall(part)
-        except OSError:
-            pass  # the gateway answered and closed while we were still sending
-        if on_open is not None:
-            on_open(conn)
-        answer = b""
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := conn.recv(65536):
-                answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), headers, body
-
-
 def test_a_request_head_is_bounded_and_refusals_are_openai_shaped_and_audited(
     make_gateway: GatewayFactory, tripwire: SocketDouble
 ) -> None:
@@ -112,7 +89,7 @@ def test_a_request_head_is_bounded_and_refusals_are_openai_shaped_and_audited(
 
     # 20 MB of one header, never finished: refused once the head passes the limit.
     endless = [b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: "] + [b"a" * (1 << 20)] * 20
-    status, headers, body = _exchange(gw.port, *endless)
+    status, headers, body = exchange(gw.port, *endless)
     assert status == 431 and headers["connection"] == "close"
     error = json.loads(body)["error"]
     assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"
@@ -122,19 +99,19 @@ def test_a_request_head_is_bounded_and_refusals_are_openai_shaped_and_audited(
     assert rss() - before < 10_000  # kB: the header was not kept
 
     # Not HTTP at all.
-    status, headers, body = _exchange(gw.port, b"\x16\x03\x01 hello, this is not http\r\n\r\n")
+    status, headers, body = exchange(gw.port, b"\x16\x03\x01 hello, this is not http\r\n\r\n")
     assert status == 400 and json.loads(body)["error"]["code"] == "invalid_http"
     assert gw.final(headers["x-request-id"])["error_type"] == "invalid_http"
 
     # Under the limit, a head of many headers passes; so does a large body sent
     # in the same writes as its head (only the head counts).
     many = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 100) for i in range(500))  # ~55 KB
-    status, _, _ = _exchange(gw.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + many + b"connection: close\r\n\r\n")
+    status, _, _ = exchange(gw.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + many + b"connection: close\r\n\r\n")
     assert status == 200
     body = b'{"model": "nope", "messages": [{"role": "user", "content": "' + b"a" * (3 << 20) + b'"}]}'
     request = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n" % key.encode()
     request += b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
-    status, headers, _ = _exchange(gw.port, request + body)
+    status, headers, _ = exchange(gw.port, request + body)
     assert status == 404 and gw.final(headers["x-request-id"])["error_type"] == "model_not_found"  # read whole
 
 
@@ -151,7 +128,7 @@ def test_a_request_head_must_arrive_in_time(make_gateway: GatewayFactory, tripwi
                 time.sleep(0.05)
 
     t0 = time.monotonic()
-    status, headers, body = _exchange(gw.port, b"", on_open=trickle)
+    status, headers, body = exchange(gw.port, b"", on_open=trickle)
     assert status == 408 and 0.9 < time.monotonic() - t0 < 5
     assert json.loads(body)["error"]["code"] == "request_timeout"
     assert gw.final(headers["x-request-id"])["error_type"] == "header_timeout"

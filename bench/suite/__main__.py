@@ -155,13 +155,18 @@ def main() -> None:
             started.append(engine)
             upstreams.append(vllm)
         by_kind = {u.kind: u for u in upstreams}
-        bastion = targets.bastion(upstreams, work)
+        # All the load comes from this one address, and the published scenario
+        # may hold up to load.MAX_OPEN connections while the open streams stay open.
+        caps = load.MAX_OPEN + args.open_streams
+        bastion = targets.bastion(upstreams, work, max_connections=caps)
         started.append(bastion)
         all_targets = [targets.direct(), bastion]
         if args.bastion_workers > 1:
             redis_url, redis_proc = targets.redis(work)
             started.append(redis_proc)
-            several = targets.bastion(upstreams, work, workers=args.bastion_workers, redis_url=redis_url)
+            several = targets.bastion(
+                upstreams, work, workers=args.bastion_workers, redis_url=redis_url, max_connections=caps
+            )
             all_targets.append(several)
             started.append(several)
         if "litellm" in peers:

@@ -84,12 +84,15 @@ def bastion(
     audit_mode: str = "strict",
     workers: int = 1,
     redis_url: str = "",
+    max_connections: int | None = None,
     env: dict[str, str] | None = None,
 ) -> Target:
     """`bastion serve` on SQLite with strict audit (the intent committed before
     the call goes on, every record on disk before the answer returns), chained and checkpointed, and a
     policy with content detectors and rate limits switched on. With several
     workers the rate limits are held in Redis (`redis_url`), as they must be.
+    `max_connections`: both connection caps, where the load (all from one
+    address) holds more connections than the defaults allow.
     `env`: the gateway process's environment (default: this one's)."""
     from gateway import migrate
     from tests.support import EngineRef, free_port, write_config
@@ -101,13 +104,16 @@ def bastion(
     port = free_port()
     db_url = f"sqlite+aiosqlite:///{home / 'state' / 'bastion.db'}"
     engines = [EngineRef(m, u.url, u.key) for u in upstreams for m in u.models]
+    # Every open stream of the scenarios holds one engine connection.
+    gateway: dict[str, object] = {"engine_pool_size": 4096, "workers": workers}
+    if max_connections is not None:
+        gateway.update(max_connections=max_connections, max_connections_per_client=max_connections)
     config = write_config(
         home,
         port=port,
         database_url=db_url,
         engines=engines,
-        # Every open stream of the scenarios holds one engine connection.
-        gateway={"engine_pool_size": 4096, "workers": workers},
+        gateway=gateway,
         audit={"mode": audit_mode},
         policy=SUITE_POLICY.read_text(),
         policy_settings={"rate_limits": limits},

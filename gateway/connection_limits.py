@@ -1,0 +1,56 @@
+"""How many connections one gateway process holds open, in all and per client.
+
+Every open connection costs a file descriptor and the protocol's buffers, and
+a streamed answer holds an engine connection too. Without a cap, one client
+(or many) could open connections until the process runs out of descriptors,
+and then nobody is served. Past `gateway.max_connections`, or past
+`max_connections_per_client` from one address, a new connection's first
+request is answered 503 (gateway/http_protocol.py) and the connection closed.
+
+A trusted proxy (`gateway.trusted_proxies`) carries many callers' connections,
+so its connections count only towards the total. The counts are per worker
+process: with `gateway.workers = N`, the gateway as a whole holds up to N times.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from gateway.client_address import Networks
+from gateway.errors import TooManyConnections
+
+
+class ConnectionLimits:
+    """The open connections of one process, counted by peer address."""
+
+    def __init__(self, total: int, per_client: int, proxies: Networks) -> None:
+        self._total, self._per_client, self._proxies = total, per_client, proxies
+        self._open: Counter[str | None] = Counter()
+        self._count = 0
+
+    def open(self, peer: str | None) -> TooManyConnections | None:
+        """Count a new connection from `peer`; the refusal it gets when it is one too many.
+
+        A refused connection is not counted (and must not be `close`d here).
+        """
+        if self._count >= self._total:
+            return TooManyConnections(
+                f"The gateway holds its maximum of {self._total} connections; try again shortly.",
+                audit_reason="too_many_connections",
+            )
+        if self._open[peer] >= self._per_client and peer not in self._proxies:
+            return TooManyConnections(
+                f"This client holds its maximum of {self._per_client} connections to the gateway;"
+                " reuse one, or try again once one has closed.",
+                audit_reason="too_many_client_connections",
+            )
+        self._open[peer] += 1
+        self._count += 1
+        return None
+
+    def close(self, peer: str | None) -> None:
+        """A connection counted by `open` has closed."""
+        self._count -= 1
+        self._open[peer] -= 1
+        if not self._open[peer]:
+            del self._open[peer]
