@@ -13,7 +13,7 @@ bench/suite and every gateway in front of it can name it the same way:
 - a model ending in `-trickle`: stream one chunk every `--trickle-interval`
   seconds (streams that stay open, for the open-streams scenario).
 
-    .venv/bin/python bench/fast_upstream.py --port 8300 [--chunks 16] [--delay 0]
+    .venv/bin/python bench/fast_upstream.py --port 8300 [--chunks 16] [--delay 0] [--unix PATH]
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8300)
     parser.add_argument("--chunks", type=int, default=16, help="chunks per stream when max_tokens is not given")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before answering (every model)")
+    parser.add_argument("--unix", help="a Unix socket to listen on too")
     parser.add_argument("--slow-delay", type=float, default=1.5, help="seconds before answering a '-slow' model")
     parser.add_argument(
         "--trickle-interval", type=float, default=1.0, help="seconds between a '-trickle' stream's chunks"
@@ -122,7 +123,7 @@ def main() -> None:
     # collector runs rarely rather than pausing every request in flight.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, backlog=4096)
+    web.run_app(app, host="127.0.0.1", port=args.port, path=args.unix, access_log=None, print=None, backlog=4096)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ class ContainerEngineConfig:
 
 def engine_command(spec: EngineSpec, name: str, model_dir: Path) -> list[str]:
     """vLLM's arguments inside a container: the same spec as every other runner."""
-    return spec.vllm_args(model_dir=str(model_dir), served_name=name, host="0.0.0.0", port=ENGINE_PORT)  # noqa: S104
+    listen = ["--host", "0.0.0.0", "--port", str(ENGINE_PORT)]  # noqa: S104
+    return spec.vllm_args(model_dir=str(model_dir), served_name=name, listen=listen)
 
 
 def engine_environment(spec: EngineSpec) -> dict[str, str]:

@@ -1,15 +1,21 @@
 """Run vLLM as a local process from its own Python environment.
 
-The engine listens on a loopback address only and requires its own API key
-(passed in the environment, not on the command line), so nothing on the machine
-but the gateway can call it. It runs in its own process group so that stopping
-it ends vLLM's worker processes too, and nothing else.
+The engine listens on a loopback address or on a Unix socket only, and
+requires its own API key (passed in the environment, not on the command
+line), so nothing on the machine but the gateway can call it. A socket is
+made in a folder only the gateway's user may enter, with the engine's umask
+at 077: other users cannot even connect. It runs in its own process group so
+that stopping it ends vLLM's worker processes too, and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import signal
+import socket
+import stat
 import subprocess
 import time
 import urllib.error
@@ -20,6 +26,7 @@ from ipaddress import ip_address
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from engine.address import socket_path
 from engine.spec import EngineSpec
 
 
@@ -38,8 +45,11 @@ class LocalEngineConfig:
     log_file: Path
 
 
-def loopback_host_port(url: str) -> tuple[str, int]:
-    """Host and port of a local engine URL, refusing anything off the loopback."""
+def listen_args(url: str) -> list[str]:
+    """vLLM's arguments to listen at a local engine URL: a loopback address or a Unix socket."""
+    path = socket_path(url)
+    if path is not None:
+        return ["--uds", path]
     parts = urlsplit(url)
     host = parts.hostname or ""
     try:
@@ -47,8 +57,46 @@ def loopback_host_port(url: str) -> tuple[str, int]:
     except ValueError:
         loopback = False
     if parts.scheme != "http" or not loopback or parts.port is None:
-        raise ValueError(f"a local engine must listen on http://<loopback address>:<port>, not {url!r}")
-    return host, parts.port
+        raise ValueError(f"a local engine must listen on http://<loopback address>:<port> or unix:/path, not {url!r}")
+    return ["--host", host, "--port", str(parts.port)]
+
+
+def _prepare_socket(path: str) -> None:
+    """Make the socket's folder (the owner's alone) and clear a socket left by an engine that died.
+
+    vLLM binds the path and fails if it exists. A socket someone still
+    listens on is not taken over.
+    """
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if folder.stat().st_mode & 0o077:
+        raise ValueError(f"{folder} (the engine socket's folder) must be accessible to its owner only (chmod 700)")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ValueError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: left by an engine that died
+            return
+    raise ValueError(f"something already listens on {path}")
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (for the engine's health check)."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -72,25 +120,42 @@ class LocalEngine:
         c = self.config
         if not Path(c.python).exists():
             raise EngineStartError(f"engine Python {c.python} not found (set engine_python in the config)")
-        host, port = loopback_host_port(c.url)
+        listen = listen_args(c.url)
+        path = socket_path(c.url)
+        if path is not None:
+            _prepare_socket(path)
         argv = [
             c.python, "-m", "vllm.entrypoints.openai.api_server",
-            *c.spec.vllm_args(model_dir=str(c.model_dir), served_name=c.name, host=host, port=port),
+            *c.spec.vllm_args(model_dir=str(c.model_dir), served_name=c.name, listen=listen),
         ]  # fmt: skip
         env = {**os.environ, **c.spec.environment(), "VLLM_API_KEY": c.api_key}
         c.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(c.log_file, "ab") as log:
             self._proc = subprocess.Popen(
-                argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                umask=0o077,  # its socket, logs and caches: the owner's alone
             )
 
     def healthy(self) -> bool:
-        # The URL was checked to be http:// on a loopback address in start().
-        request = urllib.request.Request(self.config.url.rstrip("/") + "/health")  # noqa: S310
+        # The URL was checked to be a loopback http:// URL or a Unix socket in start().
+        path = socket_path(self.config.url)
         try:
+            if path is not None:
+                conn = _UnixConnection(path, timeout=2)
+                try:
+                    conn.request("GET", "/health")
+                    return conn.getresponse().status == 200
+                finally:
+                    conn.close()
+            request = urllib.request.Request(self.config.url.rstrip("/") + "/health")  # noqa: S310
             with urllib.request.urlopen(request, timeout=2) as r:  # noqa: S310
                 return r.status == 200
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
             return False
 
     def wait_healthy(self, timeout: float, on_tick: Callable[[float, str], None] | None = None) -> None:
@@ -138,6 +203,10 @@ class LocalEngine:
         proc.wait()
         while _group_alive(pgid):
             time.sleep(0.05)
+        path = socket_path(self.config.url)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def log_tail(self, lines: int = 25) -> str:
         try:

@@ -27,8 +27,9 @@ class EngineSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Skip torch.compile and CUDA graphs: starts faster, decodes slower (GPU only).
     enforce_eager: bool = False
 
-    def vllm_args(self, *, model_dir: str, served_name: str, host: str, port: int) -> list[str]:
-        """Arguments for `python -m vllm.entrypoints.openai.api_server`.
+    def vllm_args(self, *, model_dir: str, served_name: str, listen: list[str]) -> list[str]:
+        """Arguments for `python -m vllm.entrypoints.openai.api_server`; `listen`
+        says where (`--host H --port P`, or `--uds PATH`).
 
         The API key is deliberately not here: it travels in the VLLM_API_KEY
         environment variable so it never shows in `ps` output.
@@ -36,8 +37,7 @@ class EngineSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         args = [
             "--model", model_dir,
             "--served-model-name", served_name,
-            "--host", host,
-            "--port", str(port),
+            *listen,
             "--tensor-parallel-size", str(self.tensor_parallel_size),
             "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),

@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from engine.address import socket_path
+
 # A streamed answer's unread bytes past this stop reading from the engine until
 # the caller catches up (TCP then slows the engine down).
 _HIGH_WATER = 256 * 1024
@@ -65,27 +67,31 @@ class Origin:
     base_path: str
     # Sent on every request: host, the engine's key, the content type.
     header_lines: bytes
+    # The engine's Unix socket, for a `unix:/path` URL (engine/address.py).
+    unix_path: str | None = None
 
     @classmethod
     def of(cls, base_url: str, headers: dict[str, str]) -> Origin:
+        unix_path = socket_path(base_url)
+        if unix_path is not None:
+            lines = {"host": "localhost", **headers}
+            return cls("unix", "localhost", 0, "", _header_lines(lines), unix_path)
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {base_url!r}")
+            raise ValueError(f"not an http(s) or unix: URL: {base_url!r}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         lines = {"host": f"{host}:{port}", **headers}
-        return cls(
-            parts.scheme,
-            parts.hostname,
-            port,
-            parts.path.rstrip("/"),
-            "".join(f"{k}: {v}\r\n" for k, v in lines.items()).encode("latin-1"),
-        )
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"), _header_lines(lines))
 
     def request(self, method: str, path: str, body: bytes) -> bytes:
         """The whole request, head and body, to be sent in one write."""
         start = f"{method} {self.base_path}{path} HTTP/1.1\r\n".encode("latin-1")
         return b"%s%scontent-length: %d\r\n\r\n%s" % (start, self.header_lines, len(body), body)
+
+
+def _header_lines(headers: dict[str, str]) -> bytes:
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
 
 
 class _Connection(asyncio.Protocol):
@@ -330,15 +336,18 @@ class EnginePool:
         if origin.scheme == "https":
             self._tls = self._tls or ssl.create_default_context()
             tls = self._tls
+
+        def made() -> _Connection:
+            return _Connection(loop, self._read_timeout)
+
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, self._read_timeout),
-                    origin.host,
-                    origin.port,
-                    ssl=tls,
-                    server_hostname=origin.host if tls else None,
-                )
+                if origin.unix_path is not None:
+                    _, conn = await loop.create_unix_connection(made, origin.unix_path)
+                else:
+                    _, conn = await loop.create_connection(
+                        made, origin.host, origin.port, ssl=tls, server_hostname=origin.host if tls else None
+                    )
         except TimeoutError:
             raise ConnectTimeout(f"no connection to the engine within {self._connect_timeout:g} s") from None
         except OSError as exc:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from engine import address as engine_address
 from engine.spec import EngineSpec
 from gateway.client_address import Networks
 
@@ -226,8 +227,9 @@ class Deployment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One model as clients name it, and the engine that serves it."""
 
     name: str
-    # Where the gateway reaches the engine. `bastion up` starts a local engine
-    # listening exactly here (it must be a loopback address for the local runner).
+    # Where the gateway reaches the engine: http(s)://host:port or unix:/path
+    # (engine/address.py). `bastion up` starts a local engine listening exactly
+    # here (a loopback address or a Unix socket for the local runner).
     engine_url: str
     # The model folder the engine serves (verified against the manifest; served by `up`).
     model_dir: str = ""
@@ -412,8 +414,10 @@ def _check(settings: Settings, path: Path) -> None:
     if settings.auth.mtls.client_ca and not settings.auth.mtls.proxy_header and not settings.gateway.tls_cert:
         raise ConfigError(f"{path}: auth.mtls.client_ca needs gateway.tls_cert and tls_key (or a proxy_header)")
     for d in settings.deployments:
-        if not d.engine_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{path}: deployment {d.name!r}: engine_url must be http:// or https://")
+        try:
+            engine_address.check(d.engine_url)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: deployment {d.name!r}: engine_url: {exc}") from None
         if d.verify and not (d.manifest and d.model_dir):
             raise ConfigError(
                 f"{path}: deployment {d.name!r}: set manifest and model_dir, or verify = false to serve it unverified"

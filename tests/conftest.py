@@ -98,12 +98,14 @@ def vllm_engine(
 
 @pytest.fixture(scope="session")
 def audio_engine(engine_python: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineRef]:
-    """The session's audio engine: a tiny random Qwen2-Audio (engine/build_tiny_audio.py)."""
+    """The session's audio engine: a tiny random Qwen2-Audio (engine/build_tiny_audio.py), on a Unix socket."""
     model = tmp_path_factory.mktemp("models") / "tiny-audio"
     build = [engine_python, str(ROOT / "engine" / "build_tiny_audio.py"), str(model)]
     subprocess.run(build, check=True, capture_output=True)
-    ref = EngineRef(name="tiny-audio", url=f"http://127.0.0.1:{free_port()}", key=secrets.token_urlsafe(24),
-                    model_dir=str(model))  # fmt: skip
+    # This engine listens on a Unix socket (engine/address.py), so the session
+    # serves real calls over both of the gateway's transports.
+    socket_file = tmp_path_factory.mktemp("sockets") / "run" / "audio.sock"
+    ref = EngineRef(name="tiny-audio", url=f"unix:{socket_file}", key=secrets.token_urlsafe(24), model_dir=str(model))
     spec = EngineSpec(max_model_len=2048, dtype="bfloat16", limit_mm_per_prompt={"audio": 1})
     yield from _serve(ref, engine_python, model, spec, tmp_path_factory)
 

@@ -35,6 +35,7 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
 from engine import manifest
+from engine.address import socket_path
 from gateway.audit.capture import rotate_keyring
 from gateway.db import create_engine
 from gateway.tables import audit_records
@@ -53,9 +54,18 @@ def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
     return out.getvalue()
 
 
+def engine_client(url: str) -> httpx.Client:
+    """An HTTP client straight to an engine, at `http://host:port` or `unix:/path`."""
+    path = socket_path(url)
+    if path is None:
+        return httpx.Client(base_url=url, timeout=10)
+    return httpx.Client(base_url="http://localhost", transport=httpx.HTTPTransport(uds=path), timeout=10)
+
+
 def engine_metric(engine: EngineRef, name: str) -> float:
     """A counter from the engine's own Prometheus /metrics, summed over its labels."""
-    text = httpx.get(engine.url + "/metrics", headers={"authorization": f"Bearer {engine.key}"}, timeout=10).text
+    with engine_client(engine.url) as client:
+        text = client.get("/metrics", headers={"authorization": f"Bearer {engine.key}"}).text
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from engine import manifest
-from tests.support import BASTION, EngineRef, bastion, fetch_records, free_port, write_config
+from tests.support import BASTION, EngineRef, bastion, engine_client, fetch_records, free_port, write_config
 
 
 def test_init_writes_config_state_and_secrets(tmp_path: Path) -> None:
@@ -65,6 +66,9 @@ def test_keys_create_list_revoke_with_json(tmp_path: Path) -> None:
         (["keys", "list"], "[gateway]\nbogus = 1\n"),  # unknown field
         (["keys", "list"], "[gateway]\nbody_timeout_seconds = 0\n"),  # out of range
         (["keys", "list"], "[gateway]\nmax_connections_per_client = 0\n"),
+        (["keys", "list"], '[[deployments]]\nname = "m"\nengine_url = "unix:engine.sock"\n'),  # not absolute
+        (["keys", "list"], f'[[deployments]]\nname = "m"\nengine_url = "unix:/{"a" * 120}.sock"\n'),  # too long
+        (["keys", "list"], '[[deployments]]\nname = "m"\nengine_url = "ftp://127.0.0.1:21"\n'),
         (["keys", "list"], "not toml at all ="),
         (["keys", "create", "--role", "root", "--name", "x"], ""),  # bad choice
         (["keys", "create", "--name", "x", "--expires-in", "soon"], ""),
@@ -156,16 +160,23 @@ def test_migrations_match_the_table_definitions(tmp_path: Path, db: str, request
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    ("stop_signal", "transport"), [(signal.SIGINT, "tcp"), (signal.SIGTERM, "unix")], ids=["ctrl-c", "sigterm"]
+)
 def test_up_starts_engine_and_gateway_and_stops_both_on_a_signal(
     tmp_path: Path,
     engine_python: str,
     tiny_model: Path,
     tiny_manifest: tuple[Path, tuple[str, str]],
     stop_signal: signal.Signals,
+    transport: str,
 ) -> None:
+    """Also: the engine listens on loopback TCP, or on a Unix socket in a folder
+    of the owner's alone (engine/address.py), and refuses a call without its key."""
     port = free_port()
-    engine = EngineRef("tiny", f"http://127.0.0.1:{free_port()}", "engine-secret-key", model_dir=str(tiny_model),
+    socket_file = tmp_path / "run" / "engine.sock"
+    url = f"http://127.0.0.1:{free_port()}" if transport == "tcp" else f"unix:{socket_file}"
+    engine = EngineRef("tiny", url, "engine-secret-key", model_dir=str(tiny_model),
                        manifest=str(tiny_manifest[0]), publisher=tiny_manifest[1])  # fmt: skip
     config = write_config(tmp_path, port=port, database_url="sqlite+aiosqlite:///state/bastion.db",
                           engines=[engine], engine_python=engine_python)  # fmt: skip
@@ -185,8 +196,13 @@ def test_up_starts_engine_and_gateway_and_stops_both_on_a_signal(
             time.sleep(1)
         else:
             pytest.fail("bastion up did not become ready")
-        # The engine refuses anyone without its key, and listens on loopback only.
-        assert httpx.get(engine.url + "/v1/models").status_code == 401
+        # The engine refuses anyone without its key, and listens on loopback only
+        # (or on a socket only its owner may reach).
+        with engine_client(engine.url) as direct:
+            assert direct.get("/v1/models").status_code == 401
+        if transport == "unix":
+            assert stat.S_ISSOCK(socket_file.stat().st_mode)
+            assert socket_file.stat().st_mode & 0o077 == 0 and socket_file.parent.stat().st_mode & 0o077 == 0
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
                        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
                        timeout=60)  # fmt: skip
@@ -202,8 +218,9 @@ def test_up_starts_engine_and_gateway_and_stops_both_on_a_signal(
         # vLLM's own workers ran in the engine's process group; none may be left.
         for pgid in engine_pids:
             assert subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).stdout == b""
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(engine.url + "/health", timeout=2)
+        with pytest.raises(httpx.HTTPError), engine_client(engine.url) as direct:
+            direct.get("/health", timeout=2)
+        assert not socket_file.exists()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -45,6 +45,9 @@ class Engine:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
         return self.server.sockets[0].getsockname()[1]
 
+    async def start_unix(self, path: Path) -> None:
+        self.server = await asyncio.start_unix_server(self._serve, str(path))
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self.open += 1
@@ -85,10 +88,19 @@ async def echo(body: bytes) -> tuple[bytes, bool]:
     return ok(body), False
 
 
-def test_keep_alive_reuses_one_connection_and_sends_head_and_body() -> None:
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_keep_alive_reuses_one_connection_and_sends_head_and_body(tmp_path: Path, transport: str) -> None:
+    """Also over a Unix socket (engine_url = "unix:/path"), the same way but for the host header."""
+
     async def go() -> None:
         engine = Engine(echo)
-        o = origin(await engine.start())
+        if transport == "tcp":
+            o = origin(await engine.start())
+            host = f"127.0.0.1:{o.port}"
+        else:
+            await engine.start_unix(tmp_path / "engine.sock")
+            o = Origin.of(f"unix:{tmp_path / 'engine.sock'}", {"authorization": "Bearer k"})
+            host = "localhost"
         p = pool()
         for i in range(5):
             r = await p.request(o, "POST", "/v1/chat/completions", b'{"n":%d}' % i)
@@ -96,9 +108,12 @@ def test_keep_alive_reuses_one_connection_and_sends_head_and_body() -> None:
         assert engine.connections == 1
         head = engine.requests[0].decode()
         assert head.startswith("POST /v1/chat/completions HTTP/1.1\r\n")
-        assert f"host: 127.0.0.1:{o.port}" in head and "authorization: Bearer k" in head
+        assert f"host: {host}\r\n" in head and "authorization: Bearer k" in head
         await p.close()
         await engine.stop()
+        if transport == "unix":
+            with pytest.raises(ConnectFailed):  # nobody listens there
+                await p.request(Origin.of(f"unix:{tmp_path / 'gone.sock'}", {}), "GET", "/health")
 
     asyncio.run(go())
 

@@ -23,15 +23,50 @@ from pathlib import Path
 
 from bench.suite import load, procs, targets
 from bench.suite.scenarios import chat
-from bench.suite.targets import ROOT, Target
+from bench.suite.targets import ROOT, Target, Upstream
+
+
+def alternate(sides: dict[str, Target], upstream: Upstream, *, rounds: int, seconds: float, connections: int) -> str:
+    """wrk in turns against the upstream directly and each side; the table of
+    each side's added latency, CPU per call and throughput (Markdown)."""
+    direct = targets.direct()
+    body = chat(upstream.models[0])
+    for t in sides.values():
+        load.wrk(t.endpoint(upstream), body, connections, 2)  # warm the pools
+    runs: dict[str, list[load.Measured]] = {name: [] for name in ["direct", *sides]}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
+    for i in range(rounds):
+        names = list(sides)
+        order = names if i % 2 == 0 else names[::-1]
+        for name in ["direct", *order]:
+            target = direct if name == "direct" else sides[name]
+            before = procs.cpu_seconds(target.proc.pid) if target.proc else 0.0
+            m = load.wrk(target.endpoint(upstream), body, connections, seconds)
+            runs[name].append(m)
+            if target.proc:
+                cpu[name].append(1000 * (procs.cpu_seconds(target.proc.pid) - before) / max(m.requests, 1))
+    d50 = statistics.median(m.p50_ms for m in runs["direct"])
+    d99 = statistics.median(m.p99_ms for m in runs["direct"])
+    rows = ["| side | added p50 ms | added p99 ms | CPU ms per call | req/s |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name in sides:
+        p50 = statistics.median(m.p50_ms for m in runs[name]) - d50
+        p99 = statistics.median(m.p99_ms for m in runs[name]) - d99
+        rps = statistics.median(m.requests / m.seconds for m in runs[name])
+        rows.append(f"| {name} | {p50:.3f} | {p99:.3f} | {statistics.median(cpu[name]):.3f} | {rps:,.0f} |")
+    return "\n".join(rows)
+
+
+def round_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `alternate`."""
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--connections", type=int, default=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="the earlier commit")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--connections", type=int, default=1)
+    round_options(parser)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bastion-ab-"))
     tree = work / "base-tree"
@@ -47,31 +82,9 @@ def main() -> None:
             "base": targets.bastion([fast], work / "base", env=base_env),
             "head": targets.bastion([fast], work / "head"),
         }
-        direct = targets.direct()
-        body = chat("bench")
-        for t in sides.values():
-            load.wrk(t.endpoint(fast), body, args.connections, 2)  # warm the pools
-        runs: dict[str, list[load.Measured]] = {"direct": [], "base": [], "head": []}
-        cpu: dict[str, list[float]] = {"base": [], "head": []}
-        for i in range(args.rounds):
-            order = ["base", "head"] if i % 2 == 0 else ["head", "base"]
-            for name in ["direct", *order]:
-                target = direct if name == "direct" else sides[name]
-                before = procs.cpu_seconds(target.proc.pid) if target.proc else 0.0
-                m = load.wrk(target.endpoint(fast), body, args.connections, args.seconds)
-                runs[name].append(m)
-                if target.proc:
-                    cpu[name].append(1000 * (procs.cpu_seconds(target.proc.pid) - before) / max(m.requests, 1))
-        d50 = statistics.median(m.p50_ms for m in runs["direct"])
-        d99 = statistics.median(m.p99_ms for m in runs["direct"])
+        table = alternate(sides, fast, rounds=args.rounds, seconds=args.seconds, connections=args.connections)
         print(f"c={args.connections}, {args.rounds} rounds of {args.seconds:g} s; base {args.base} against this tree")
-        print("| side | added p50 ms | added p99 ms | CPU ms per call | req/s |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for name in ("base", "head"):
-            p50 = statistics.median(m.p50_ms for m in runs[name]) - d50
-            p99 = statistics.median(m.p99_ms for m in runs[name]) - d99
-            rps = statistics.median(m.requests / m.seconds for m in runs[name])
-            print(f"| {name} | {p50:.3f} | {p99:.3f} | {statistics.median(cpu[name]):.3f} | {rps:,.0f} |")
+        print(table)
     finally:
         for t in sides.values():
             t.stop()

@@ -210,12 +210,15 @@ def available_peers() -> list[str]:
     return found
 
 
-def fast_upstream(work: Path, *, delay: float = 0.0) -> tuple[Upstream, procs.Proc]:
-    """bench/fast_upstream.py; `delay`: seconds before every answer."""
+def fast_upstream(work: Path, *, delay: float = 0.0, unix_socket: Path | None = None) -> tuple[Upstream, procs.Proc]:
+    """bench/fast_upstream.py; `delay`: seconds before every answer; `unix_socket`:
+    a path where it listens too (its URL stays the TCP one)."""
     from tests.support import free_port
 
     port = free_port()
     argv = [sys.executable, str(ROOT / "bench" / "fast_upstream.py"), "--port", str(port), "--delay", str(delay)]
+    if unix_socket is not None:
+        argv += ["--unix", str(unix_socket)]
     proc = procs.start("fast-upstream", argv, work / "fast-upstream.log")
     url = f"http://127.0.0.1:{port}"
     procs.wait_http(proc, url + "/health", 30)
