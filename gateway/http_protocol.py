@@ -23,7 +23,8 @@ It also guards the connection, where uvicorn does not:
   forever. Closing at once, with the body's bytes unread, would reset the
   connection, and the client could lose the answer;
 - connections over `gateway.max_connections` (per client too) are answered
-  503 at their first bytes (gateway/connection_limits.py).
+  503 at their first bytes, or closed if none come within TURNED_AWAY_SECONDS
+  (gateway/connection_limits.py).
 
 A request that is not valid HTTP gets 400 (uvicorn's own is plain text).
 Refusals are in OpenAI's shape and audited, like every refusal.
@@ -46,6 +47,10 @@ log = structlog.get_logger("bastion.http")
 # The most a request's line and headers may take together. nginx's default
 # (large_client_header_buffers) allows 32 KiB; an OIDC token fits many times.
 MAX_HEAD_BYTES = 64 * 1024
+
+# How long a connection over the caps may take to send its first bytes (which
+# get the 503) before it is closed unanswered. Clients send at once.
+TURNED_AWAY_SECONDS = 1.0
 
 
 class CoalescingTransport:
@@ -123,7 +128,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._limits is not None:
             self._turned_away = self._limits.open(self._peer)
             self._counted = self._turned_away is None
-        self._arm_head_timer()
+        if self._turned_away is not None:
+            # Not counted, so not left to hold a descriptor for the head's whole timeout.
+            self._head_timer = self.loop.call_later(TURNED_AWAY_SECONDS, self.transport.close)
+        else:
+            self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self._head_timer, self._send_timer, self._linger_timer):

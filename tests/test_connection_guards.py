@@ -143,6 +143,10 @@ def test_connections_are_capped_per_client_and_in_all(make_gateway: GatewayFacto
         "too_many_client_connections",
         "127.0.0.1",
     )
+    # One too many that sends nothing is closed long before the head's timeout (30 s).
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as idle:
+        t0 = time.monotonic()
+        assert idle.recv(100) == b"" and time.monotonic() - t0 < 3
     held.pop().close()
     time.sleep(0.2)
     assert httpx.get(gw.url + "/healthz").status_code == 200
