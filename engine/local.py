@@ -61,7 +61,7 @@ def listen_args(url: str) -> list[str]:
     return ["--host", host, "--port", str(parts.port)]
 
 
-def _prepare_socket(path: str) -> None:
+def prepare_socket(path: str) -> None:
     """Make the socket's folder (the owner's alone) and clear a socket left by an engine that died.
 
     vLLM binds the path and fails if it exists. A socket someone still
@@ -69,8 +69,9 @@ def _prepare_socket(path: str) -> None:
     """
     folder = Path(path).parent
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if folder.stat().st_mode & 0o077:
-        raise ValueError(f"{folder} (the engine socket's folder) must be accessible to its owner only (chmod 700)")
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ValueError(f"{folder} (the engine socket's folder) must be this user's, and theirs alone (chmod 700)")
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -123,7 +124,7 @@ class LocalEngine:
         listen = listen_args(c.url)
         path = socket_path(c.url)
         if path is not None:
-            _prepare_socket(path)
+            prepare_socket(path)
         argv = [
             c.python, "-m", "vllm.entrypoints.openai.api_server",
             *c.spec.vllm_args(model_dir=str(c.model_dir), served_name=c.name, listen=listen),
