@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.local import prepare_socket, listen_args
+from engine.local import listen_args, prepare_socket
 
 
 def test_listen_args_for_a_socket_or_a_loopback_port_and_nothing_else() -> None:
