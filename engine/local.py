@@ -18,8 +18,6 @@ import socket
 import stat
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -100,6 +98,15 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
+def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    """A connection to a local engine URL (checked by listen_args), and the path its routes start with."""
+    path = socket_path(url)
+    if path is not None:
+        return _UnixConnection(path, timeout), ""
+    parts = urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout), parts.path.rstrip("/")
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -143,21 +150,14 @@ class LocalEngine:
             )
 
     def healthy(self) -> bool:
-        # The URL was checked to be a loopback http:// URL or a Unix socket in start().
-        path = socket_path(self.config.url)
+        conn, base = _connection(self.config.url, timeout=2)
         try:
-            if path is not None:
-                conn = _UnixConnection(path, timeout=2)
-                try:
-                    conn.request("GET", "/health")
-                    return conn.getresponse().status == 200
-                finally:
-                    conn.close()
-            request = urllib.request.Request(self.config.url.rstrip("/") + "/health")  # noqa: S310
-            with urllib.request.urlopen(request, timeout=2) as r:  # noqa: S310
-                return r.status == 200
-        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            conn.request("GET", base + "/health")
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
             return False
+        finally:
+            conn.close()
 
     def wait_healthy(self, timeout: float, on_tick: Callable[[float, str], None] | None = None) -> None:
         """Block until /health answers 200; raise EngineStartError if it exits or times out."""

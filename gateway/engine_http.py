@@ -78,7 +78,7 @@ class Origin:
             return cls("unix", "localhost", 0, "", _header_lines(lines), unix_path)
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) or unix: URL: {base_url!r}")
+            raise ValueError(f"an engine URL is http://host:port, https://host:port or unix:/path, not {base_url!r}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         lines = {"host": f"{host}:{port}", **headers}

@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from engine import address as engine_address
 from engine.spec import EngineSpec
 from gateway.client_address import Networks
+from gateway.engine_http import Origin
 
 DEFAULT_CONFIG_NAME = "bastion.toml"
 CONFIG_ENV = "BASTION_CONFIG"
@@ -415,7 +415,7 @@ def _check(settings: Settings, path: Path) -> None:
         raise ConfigError(f"{path}: auth.mtls.client_ca needs gateway.tls_cert and tls_key (or a proxy_header)")
     for d in settings.deployments:
         try:
-            engine_address.check(d.engine_url)
+            Origin.of(d.engine_url, {})  # what the engine client will connect to
         except ValueError as exc:
             raise ConfigError(f"{path}: deployment {d.name!r}: engine_url: {exc}") from None
         if d.verify and not (d.manifest and d.model_dir):
