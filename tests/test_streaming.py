@@ -21,34 +21,49 @@ def test_a_client_that_disconnects_mid_stream_aborts_the_engine_request(
     gw = make_gateway(engines=[vllm_engine])
     key = gw.create_key()
     before = engine_metric(vllm_engine, "vllm:generation_tokens_total")
-    # A long answer (ignore_eos: the model does not get to stop early), read for a few events, then dropped.
+    # A long answer, read for a few tokens, then dropped. It must outlast the client
+    # whatever the machine's pace: 480 tokens of this model alone stream in half a second
+    # (about 100 KB), which a stalled test thread can miss. With eight choices and twenty
+    # logprobs per token the answer is about 6 MB, more than loopback's largest send
+    # buffer (tcp_wmem's 4 MiB) and uvicorn's 64 KB write buffer together, and this client
+    # stops reading after a few tokens: the gateway cannot finish writing it, so the only
+    # way out is the client going away. (ignore_eos: the model does not get to stop early.)
+    choices, max_tokens, read_tokens = 8, 480, 16
     body = (
-        b'{"model":"tiny","messages":[{"role":"user","content":"Count"}],"max_tokens":480,'
-        b'"ignore_eos":true,"stream":true}'
+        b'{"model":"tiny","messages":[{"role":"user","content":"Count"}],'
+        b'"max_tokens":%d,"n":%d,"logprobs":true,"top_logprobs":20,'
+        b'"ignore_eos":true,"stream":true}' % (max_tokens, choices)
     )
     request = (
         f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {key}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode() + body
     received = b""
-    with socket.create_connection(("127.0.0.1", gw.port)) as conn:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as conn:
+        # A small, fixed receive window (set before connecting, so it is the one
+        # advertised) keeps the bytes in flight to a few KB.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.connect(("127.0.0.1", gw.port))
         conn.sendall(request)
-        while received.count(b"data: {") < 4:
+        # Each token's event carries one top_logprobs list (the first events of a
+        # stream are each choice's role, with none).
+        while received.count(b'"top_logprobs":[') < read_tokens:
             chunk = conn.recv(4096)
             assert chunk, received
             received += chunk
     assert received.startswith(b"HTTP/1.1 200"), received[:200]
     request_id = re.search(rb"x-request-id: ([0-9a-f]+)", received)
     assert request_id is not None
-    # The socket is closed here, long before 480 tokens are made.
+    # The socket is closed here, long before the answer is written.
     final = gw.final(request_id.group(1).decode())
     assert final["outcome"] == "client_closed" and final["http_status"] == 200
-    # The engine stopped: nothing running, and far fewer than 480 tokens made. (This
-    # vLLM does not count client aborts in request_success{finished_reason="abort"}.)
+    # The engine stopped: nothing running, and far fewer tokens made than asked for.
+    # (This vLLM does not count client aborts in request_success{finished_reason="abort"};
+    # generation_tokens_total counts the tokens of every choice.)
     deadline = time.monotonic() + 10
     while engine_metric(vllm_engine, "vllm:num_requests_running") > 0:
         assert time.monotonic() < deadline, "the engine kept generating"
         time.sleep(0.1)
     time.sleep(0.5)
     made = engine_metric(vllm_engine, "vllm:generation_tokens_total") - before
-    assert 3 <= made < 480, made
+    assert read_tokens <= made < choices * max_tokens, made
