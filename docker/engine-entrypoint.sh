@@ -18,4 +18,17 @@ cache=${BASTION_ENGINE_CACHE:-/var/cache/bastion-engine}
 export HOME=/tmp/home XDG_CACHE_HOME="$cache" VLLM_CACHE_ROOT="$cache/vllm" \
     TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton"
 mkdir -p "$HOME" "$cache"
+# The engine has no network; it listens on the Unix socket its command names
+# (--uds), in a folder shared with the gateway: setgid to the gateway's group,
+# so umask 007 lets that group connect and keeps everyone else out. A socket
+# left by an engine that died (a restart while the gateway holds the folder)
+# would make vLLM's bind fail; only this container's engine writes there.
+umask 007
+previous=""
+for arg in "$@"; do
+    if [ "$previous" = "--uds" ] && [ -S "$arg" ]; then
+        rm -f "$arg"
+    fi
+    previous=$arg
+done
 exec "${BASTION_ENGINE_PYTHON:-python3}" -m vllm.entrypoints.openai.api_server "$@"

@@ -1,18 +1,24 @@
 """Run vLLM in a sandboxed container through the Docker SDK.
 
-The sandbox is what a compromised engine must be held to: no way out but the
-gateway. It is written down once, here, as data (`SANDBOX`), and
-`docker/compose.yaml` states the same settings for compose users; a test
-compares the two so they cannot drift apart.
+The sandbox is what a compromised engine must be held to: no network at all,
+and one way in, a Unix socket that only the gateway's group may open. It is
+written down once, here, as data (`SANDBOX`), and `docker/compose.yaml` states
+the same settings for compose users; a test compares the two so they cannot
+drift apart.
 
 - read-only root filesystem; tmpfs only at /tmp (noexec) and at the compile
   caches' folder (which must allow exec: vLLM loads the kernels it compiles);
 - every capability dropped, `no-new-privileges`, a non-root user, a pids limit;
 - the model folder mounted read-only, at the same path as on the host (so the
   manifest the gateway verified names the files the engine reads);
-- one `internal` network (no route off the host) on which the host itself has
-  no address (`inhibit_ipv4`: else the host's own services on 0.0.0.0 would be
-  one hop away), no published port;
+- no network: Docker's `none` mode leaves the container its loopback and
+  nothing else, so it reaches no other container, not the host's services, not
+  the gateway's ports; vLLM listens on a Unix socket in a folder mounted from
+  outside (compose: a tmpfs volume the gateway mounts read-only; `bastion engine
+  up`: a host folder under /run/bastion). The folder is the engine user's,
+  setgid to the gateway's group and closed to others, and the entrypoint's
+  umask 007 gives that group the write permission `connect()` needs;
+- tensor-parallel workers rendezvous on the loopback (`LOOPBACK_ONLY`);
 - the API key as a file mounted read-only, read by the entrypoint
   (`docker/engine-entrypoint.sh`), never in argv or the container's environment;
 - GPUs: exactly `tensor_parallel_size` of them, and shared memory for NCCL.
@@ -20,6 +26,8 @@ compares the two so they cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,13 +43,20 @@ GATEWAY_UID = 10001
 ENGINE_UID = 10002
 POSTGRES_UID = 999  # the official postgres image's (docker/postgres.Dockerfile matches it)
 
-ENGINE_PORT = 8000  # inside the container; never published
+# Inside the container, the engine's only listener; the folder is a mount shared with the gateway.
+SOCKET_DIR = "/run/bastion-engine"
+SOCKET_PATH = f"{SOCKET_DIR}/engine.sock"
+# Owner ENGINE_UID, group GATEWAY_UID: rwx for the engine, r-x for the gateway,
+# setgid so the socket vLLM creates there takes the gateway's group.
+SOCKET_DIR_MODE = 0o2750
+# `bastion engine up` keeps each engine's socket folder here, on the host.
+HOST_SOCKET_ROOT = Path("/run/bastion")
 CACHE_DIR = "/var/cache/bastion-engine"  # compile caches (docker/engine-entrypoint.sh points vLLM here)
 KEY_PATH = "/run/secrets/engine_key"
-LABEL = "org.bastion.engine"  # on every container and network this runner creates
+LABEL = "org.bastion.engine"  # on every container this runner creates
 
-# The host takes no address on the engine's bridge (docker/compose.yaml says the same).
-NETWORK_OPTIONS = {"com.docker.network.bridge.inhibit_ipv4": "true"}
+# With no interface but `lo`, say so to vLLM, NCCL and Gloo rather than let them guess.
+LOOPBACK_ONLY = {"VLLM_HOST_IP": "127.0.0.1", "NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo"}
 
 CPU_IMAGE = "bastion-engine-cpu:latest"
 GPU_IMAGE = "bastion-engine-gpu:latest"
@@ -52,6 +67,7 @@ class Sandbox:
     """The engine container's confinement (compose: docker/compose.yaml's `engine`)."""
 
     user: str = f"{ENGINE_UID}:{ENGINE_UID}"
+    network_mode: str = "none"
     read_only: bool = True
     cap_drop: tuple[str, ...] = ("ALL",)
     security_opt: tuple[str, ...] = ("no-new-privileges:true",)
@@ -79,6 +95,7 @@ class ContainerEngineConfig:
     image: str
     model_dir: Path  # host path, mounted read-only at the same path
     key_file: Path  # host file with the engine key, readable by ENGINE_UID
+    socket_dir: Path  # host folder mounted at SOCKET_DIR, where the engine's socket appears
     spec: EngineSpec
     gpus: bool  # ask Docker for spec.tensor_parallel_size GPUs
 
@@ -87,25 +104,32 @@ class ContainerEngineConfig:
         return f"bastion-engine-{self.name}"
 
     @property
-    def network_name(self) -> str:
-        return f"bastion-engine-{self.name}"
+    def engine_url(self) -> str:
+        """What the gateway's `engine_url` is for this engine."""
+        return f"unix:{self.socket_dir / Path(SOCKET_PATH).name}"
 
 
 def engine_command(spec: EngineSpec, name: str, model_dir: Path) -> list[str]:
     """vLLM's arguments inside a container: the same spec as every other runner."""
-    listen = ["--host", "0.0.0.0", "--port", str(ENGINE_PORT)]  # noqa: S104
-    return spec.vllm_args(model_dir=str(model_dir), served_name=name, listen=listen)
+    return spec.vllm_args(model_dir=str(model_dir), served_name=name, listen=["--uds", SOCKET_PATH])
 
 
 def engine_environment(spec: EngineSpec) -> dict[str, str]:
-    return {**spec.environment(), "BASTION_ENGINE_KEY_FILE": KEY_PATH}
+    return {**spec.environment(), **LOOPBACK_ONLY, "BASTION_ENGINE_KEY_FILE": KEY_PATH}
+
+
+# vLLM's /health over the socket, with the image's Python (no curl in the images).
+HEALTH_PROBE = (
+    "import socket, http.client as h; c = h.HTTPConnection('engine', timeout=3); "
+    f"c.sock = socket.socket(socket.AF_UNIX); c.sock.settimeout(3); c.sock.connect('{SOCKET_PATH}'); "
+    "c.request('GET', '/health'); raise SystemExit(c.getresponse().status != 200)"
+)
 
 
 def healthcheck() -> dict[str, Any]:
-    """Docker health check: vLLM's /health from inside the container (the image's Python)."""
-    probe = f"import urllib.request as u; u.urlopen('http://127.0.0.1:{ENGINE_PORT}/health', timeout=3)"
+    """Docker health check: vLLM's /health from inside the container."""
     return {
-        "test": ["CMD-SHELL", f'exec "$BASTION_ENGINE_PYTHON" -c "{probe}"'],
+        "test": ["CMD-SHELL", f'exec "$BASTION_ENGINE_PYTHON" -c "{HEALTH_PROBE}"'],
         "interval": 5_000_000_000,
         "timeout": 5_000_000_000,
         "retries": 3,
@@ -121,6 +145,7 @@ def run_kwargs(config: ContainerEngineConfig) -> dict[str, Any]:
     mounts = [
         Mount(str(config.model_dir), str(config.model_dir), type="bind", read_only=True),
         Mount(KEY_PATH, str(config.key_file), type="bind", read_only=True),
+        Mount(SOCKET_DIR, str(config.socket_dir), type="bind"),
     ]
     kwargs: dict[str, Any] = {
         "name": config.container_name,
@@ -134,7 +159,7 @@ def run_kwargs(config: ContainerEngineConfig) -> dict[str, Any]:
         "tmpfs": dict(s.tmpfs),
         "shm_size": s.shm_size_gpu if config.gpus else s.shm_size_cpu,
         "mounts": mounts,
-        "network": config.network_name,
+        "network_mode": s.network_mode,
         "healthcheck": healthcheck(),
         "labels": {LABEL: config.name},
         "detach": True,
@@ -151,12 +176,12 @@ class EngineStatus:
     container: str
     state: str  # running, exited, ..., or "absent"
     health: str  # starting, healthy, unhealthy, or "" when absent
-    address: str  # on its internal network, reachable from containers on it ("" when absent)
+    engine_url: str  # the gateway's engine_url for it: its socket on the host
     image: str
 
 
 class ContainerEngine:
-    """One deployment's engine container: up (create network and container), status, down."""
+    """One deployment's engine container: up (socket folder and container), status, down."""
 
     def __init__(self, client: docker.DockerClient, config: ContainerEngineConfig):
         self.client = client
@@ -170,21 +195,17 @@ class ContainerEngine:
         except NotFound:
             return None
 
-    def _network(self) -> None:
-        """The engine's own internal network (no route off the host), made once."""
-        from docker.errors import NotFound
-
+    def _socket_dir(self) -> None:
+        """The host folder the socket appears in: the engine's to write, the gateway's group's to open."""
+        folder = self.config.socket_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink() or not folder.is_dir():
+            raise ContainerEngineError(f"{folder} (the engine's socket folder) is not a folder")
         try:
-            net = self.client.networks.get(self.config.network_name)
-        except NotFound:
-            self.client.networks.create(
-                self.config.network_name, driver="bridge", internal=True, options=NETWORK_OPTIONS,
-                labels={LABEL: self.config.name},
-            )  # fmt: skip
-            return
-        options = net.attrs.get("Options") or {}
-        if not net.attrs.get("Internal") or any(options.get(k) != v for k, v in NETWORK_OPTIONS.items()):
-            raise ContainerEngineError(f"network {self.config.network_name} exists but is not sandboxed; remove it")
+            os.chown(folder, ENGINE_UID, GATEWAY_UID)
+        except PermissionError:
+            raise ContainerEngineError(f"cannot give {folder} to the engine's user {ENGINE_UID}: run as root") from None
+        folder.chmod(SOCKET_DIR_MODE)
 
     def up(self) -> EngineStatus:
         from docker.errors import APIError, ImageNotFound
@@ -194,7 +215,7 @@ class ContainerEngine:
         for path, what in ((self.config.model_dir, "model folder"), (self.config.key_file, "engine key")):
             if not path.exists():
                 raise ContainerEngineError(f"the {what} {path} does not exist")
-        self._network()
+        self._socket_dir()
         try:
             self.client.containers.run(self.config.image, **run_kwargs(self.config))
         except ImageNotFound:
@@ -223,31 +244,22 @@ class ContainerEngine:
             return EngineStatus(self.config.name, self.config.container_name, "absent", "", "", self.config.image)
         c.reload()
         state = c.attrs["State"]
-        nets = c.attrs["NetworkSettings"]["Networks"]
-        address = (nets.get(self.config.network_name) or {}).get("IPAddress", "")
         image = c.attrs["Config"]["Image"]
-        return EngineStatus(
-            self.config.name, c.name, state["Status"], state.get("Health", {}).get("Status", ""), address, image
-        )
+        health = state.get("Health", {}).get("Status", "")
+        return EngineStatus(self.config.name, c.name, state["Status"], health, self.config.engine_url, image)
 
     def logs(self, lines: int = 25) -> str:
         c = self._container()
         return c.logs(tail=lines).decode(errors="replace") if c is not None else ""
 
     def down(self, grace: int = 20) -> bool:
-        """Stop and remove the container, then its network; False when there was none."""
-        from docker.errors import NotFound
-
+        """Stop and remove the container, then its socket folder; False when there was no container."""
         c = self._container()
         if c is not None:
             c.stop(timeout=grace)
             c.remove()
-        try:
-            net = self.client.networks.get(self.config.network_name)
-        except NotFound:
-            return c is not None
-        if net.attrs.get("Labels", {}).get(LABEL) == self.config.name:
-            net.reload()
-            if not net.attrs.get("Containers"):
-                net.remove()
+        folder = self.config.socket_dir
+        (folder / Path(SOCKET_PATH).name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone already, or holds more than the socket: left to look at
+            folder.rmdir()
         return c is not None

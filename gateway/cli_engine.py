@@ -18,6 +18,7 @@ from engine.container import (
     CPU_IMAGE,
     ENGINE_UID,
     GPU_IMAGE,
+    HOST_SOCKET_ROOT,
     ContainerEngine,
     ContainerEngineConfig,
     ContainerEngineError,
@@ -65,6 +66,7 @@ def _engine(
         image=image or (GPU_IMAGE if gpus else CPU_IMAGE),
         model_dir=settings.path(deployment.model_dir).resolve(),
         key_file=settings.state_path.resolve() / "containers" / f"engine-{deployment.name}.key",
+        socket_dir=HOST_SOCKET_ROOT / f"engine-{deployment.name}",
         spec=deployment.engine,
         gpus=gpus,
     )
@@ -88,7 +90,7 @@ def _print_status(status: EngineStatus, as_json: bool) -> None:
         echo_json(asdict(status))
         return
     health = f", {status.health}" if status.health else ""
-    where = f" at http://{status.address}:8000" if status.address else ""
+    where = f" at {status.engine_url}" if status.engine_url else ""
     click.echo(f"engine {status.name}: {status.state}{health}{where} ({status.container}, {status.image})")
 
 
@@ -123,7 +125,7 @@ def engine_group() -> None:
 def engine_up(
     config_path: Path, deployment: str | None, gpus: bool, image: str | None, wait_seconds: int, as_json: bool
 ) -> None:
-    """Verify the model, then start its engine in the sandbox on an internal network."""
+    """Verify the model, then start its engine in the sandbox, with no network, on a Unix socket."""
     settings = settings_from(config_path)
     d = _deployment(settings, deployment)
     if not d.model_dir:
@@ -158,7 +160,7 @@ def engine_status(config_path: Path, deployment: str | None, as_json: bool) -> N
 @config_option
 @deployment_option
 def engine_down(config_path: Path, deployment: str | None) -> None:
-    """Stop and remove the engine container and its network."""
+    """Stop and remove the engine container and its socket folder."""
     settings = settings_from(config_path)
     engine = _engine(settings, _deployment(settings, deployment))
     removed = engine.down()

@@ -23,11 +23,18 @@ from pathlib import Path
 
 import yaml
 
-from engine.container import ENGINE_UID, GATEWAY_UID, POSTGRES_UID, engine_command, engine_environment
+from engine.container import (
+    ENGINE_UID,
+    GATEWAY_UID,
+    POSTGRES_UID,
+    SOCKET_PATH,
+    engine_command,
+    engine_environment,
+)
 from gateway.keys import ensure_token_file, hand_over
 from gateway.settings import ConfigError, Deployment, Settings
 
-ENGINE_URL = "http://engine:8000"  # the engine service on the compose `engine` network
+ENGINE_URL = f"unix:{SOCKET_PATH}"  # the engine service's socket, on the volume the gateway shares
 DEPLOY_FILE = "compose.deploy.yaml"
 
 
@@ -43,7 +50,8 @@ def check(settings: Settings, deployment: Deployment) -> None:
     g = settings.gateway
     problems = []
     if deployment.engine_url.rstrip("/") != ENGINE_URL:
-        problems.append(f"deployments.{deployment.name}.engine_url must be {ENGINE_URL!r} (the engine service)")
+        socket = f"{ENGINE_URL!r} (the engine service's socket)"
+        problems.append(f"deployments.{deployment.name}.engine_url must be {socket}")
     if g.host != "0.0.0.0" or g.port != 8000:  # noqa: S104 - inside the container; compose publishes the port
         problems.append('gateway.host must be "0.0.0.0" and gateway.port 8000 inside the container')
     if not settings.database.url.startswith("postgresql"):

@@ -21,6 +21,7 @@ from engine.container import (
     run_kwargs,
 )
 from engine.spec import EngineSpec
+from gateway.compose import ENGINE_URL
 from gateway.settings import load_settings
 from tests.support import bastion
 
@@ -39,7 +40,7 @@ limit_mm_per_prompt = {{image = 4}}
 """
 
 
-def compose_dir(tmp_path: Path, engine_url: str = "http://engine:8000") -> Path:
+def compose_dir(tmp_path: Path, engine_url: str = ENGINE_URL) -> Path:
     base = tmp_path / "deploy"
     bastion("init", "--dir", str(base), "--compose")
     model = base / "models" / "big"
@@ -65,11 +66,13 @@ def test_prepare_renders_the_engine_spec_and_its_gpus(tmp_path: Path) -> None:
                                                "big", Path(model))  # fmt: skip
     command = engine["command"]
     assert command[command.index("--tensor-parallel-size") + 1] == "2"
-    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert command[command.index("--uds") + 1] == "/run/bastion-engine/engine.sock"
+    assert "--host" not in command and "--port" not in command
     (device,) = engine["deploy"]["resources"]["reservations"]["devices"]
     assert device == {"driver": "nvidia", "count": 2, "capabilities": ["gpu"]}
     assert engine["volumes"] == [f"{model}:{model}:ro"]
     assert engine["environment"]["HF_HUB_OFFLINE"] == "1"
+    assert engine["environment"]["NCCL_SOCKET_IFNAME"] == "lo"  # the loopback is all it has
     gateway = doc["services"]["gateway"]
     assert f"{base.resolve()}:{base.resolve()}:ro" in gateway["volumes"]
     anchor = str((base / "state" / "anchor").resolve())
@@ -118,9 +121,10 @@ OUTSIDE_TLS = '[gateway]\ntls_cert = "/etc/ssl/bastion.pem"\ntls_key = "/etc/ssl
 @pytest.mark.parametrize(
     "engine_url, extra, text",
     [
-        ("http://127.0.0.1:8100", "", "engine_url must be 'http://engine:8000'"),
+        # The engine has no network: a TCP address cannot reach it.
+        ("http://engine:8000", "", "engine_url must be 'unix:/run/bastion-engine/engine.sock'"),
         # A file the gateway reads from outside the folder it mounts would be missing in its container.
-        ("http://engine:8000", OUTSIDE_TLS, "gateway.tls_cert (/etc/ssl/bastion.pem) must be inside"),
+        (ENGINE_URL, OUTSIDE_TLS, "gateway.tls_cert (/etc/ssl/bastion.pem) must be inside"),
     ],
 )
 def test_prepare_refuses_a_config_not_made_for_compose(tmp_path: Path, engine_url: str, extra: str, text: str) -> None:
@@ -153,13 +157,15 @@ def test_prepare_refuses_sqlite_and_an_unreadable_model(tmp_path: Path) -> None:
 
 def test_sdk_runner_arguments_carry_the_sandbox(tmp_path: Path) -> None:
     spec = EngineSpec(tensor_parallel_size=4)
-    gpu = run_kwargs(ContainerEngineConfig("m", "img", tmp_path, tmp_path / "k", spec, gpus=True))
+    gpu = run_kwargs(ContainerEngineConfig("m", "img", tmp_path, tmp_path / "k", tmp_path / "s", spec, gpus=True))
     assert gpu["read_only"] is True and gpu["cap_drop"] == ["ALL"]
+    assert gpu["network_mode"] == "none" and "network" not in gpu
+    assert {m["Target"]: m["Source"] for m in gpu["mounts"]}["/run/bastion-engine"] == str(tmp_path / "s")
     assert gpu["security_opt"] == ["no-new-privileges:true"]
     assert gpu["user"] == f"{ENGINE_UID}:{ENGINE_UID}"
     assert "ports" not in gpu
     assert gpu["device_requests"][0]["Count"] == 4
     assert "VLLM_API_KEY" not in gpu["environment"]
     assert gpu["command"][gpu["command"].index("--tensor-parallel-size") + 1] == "4"
-    cpu = run_kwargs(ContainerEngineConfig("m", "img", tmp_path, tmp_path / "k", spec, gpus=False))
+    cpu = run_kwargs(ContainerEngineConfig("m", "img", tmp_path, tmp_path / "k", tmp_path / "s", spec, gpus=False))
     assert "device_requests" not in cpu

@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -29,7 +30,16 @@ import httpx
 import openai
 import pytest
 
-from engine.container import ENGINE_UID, GATEWAY_UID, NETWORK_OPTIONS, SANDBOX
+from engine.container import (
+    ENGINE_UID,
+    GATEWAY_UID,
+    LOOPBACK_ONLY,
+    SANDBOX,
+    SOCKET_DIR,
+    SOCKET_DIR_MODE,
+    SOCKET_PATH,
+    healthcheck,
+)
 from tests.support import bastion, free_port
 
 pytestmark = pytest.mark.docker
@@ -72,7 +82,7 @@ public_key = "keys/publisher.key.pub"
 
 [[deployments]]
 name = "tiny"
-engine_url = "http://engine:8000"
+engine_url = "unix:/run/bastion-engine/engine.sock"
 model_dir = "models/tiny"
 manifest = "tiny.manifest.json"
 
@@ -164,9 +174,17 @@ def test_compose_file_states_the_sandbox_of_the_sdk_runner(stack: Stack) -> None
 
     merged = yaml.safe_load(stack.compose("config").stdout)
     engine = merged["services"]["engine"]
-    for name in ("engine", "db"):
-        assert merged["networks"][name]["internal"] is True
-        assert merged["networks"][name]["driver_opts"] == NETWORK_OPTIONS
+    assert set(merged["networks"]) == {"public", "db"}
+    assert merged["networks"]["db"]["internal"] is True
+    assert merged["networks"]["db"]["driver_opts"] == {"com.docker.network.bridge.inhibit_ipv4": "true"}
+    assert engine["network_mode"] == SANDBOX.network_mode == "none"
+    assert "networks" not in engine
+    assert [t.replace("$$", "$") for t in engine["healthcheck"]["test"]] == healthcheck()["test"]
+    assert LOOPBACK_ONLY.items() <= engine["environment"].items()
+    assert mount_targets(engine) == {SOCKET_DIR: False, str((stack.base / "models" / "tiny").resolve()): True}
+    assert mount_targets(merged["services"]["gateway"])[SOCKET_DIR] is True
+    options = dict(o.partition("=")[::2] for o in merged["volumes"]["engine-socket"]["driver_opts"]["o"].split(","))
+    assert (options["uid"], options["gid"], options["mode"]) == (str(ENGINE_UID), str(GATEWAY_UID), "2750")
     assert engine["read_only"] is True
     assert engine["cap_drop"] == list(SANDBOX.cap_drop)
     assert engine["security_opt"] == list(SANDBOX.security_opt)
@@ -181,6 +199,18 @@ def test_compose_file_states_the_sandbox_of_the_sdk_runner(stack: Stack) -> None
         ).stdout
     )["services"]["engine"]  # fmt: skip
     assert gpu_engine["shm_size"] in ("16gb", SANDBOX.shm_size_gpu + "b", 17179869184)
+
+
+def mount_targets(service: dict[str, Any]) -> dict[str, bool]:
+    """A merged compose service's mounts, target -> read-only (docker-compose 1.29 prints short syntax, v2 long)."""
+    found = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            _, target, *mode = volume.split(":")
+            found[target] = mode == ["ro"]
+        else:
+            found[volume["target"]] = bool(volume.get("read_only"))
+    return found
 
 
 def test_call_through_the_published_port_is_audited_in_postgres(stack: Stack, docker_client: Any) -> None:
@@ -211,15 +241,15 @@ def test_engine_container_is_sandboxed(stack: Stack, docker_client: Any) -> None
     assert engine.attrs["Config"]["User"] == f"{ENGINE_UID}:{ENGINE_UID}"
     assert host["PidsLimit"] == SANDBOX.pids_limit
     assert not host["PortBindings"] and not engine.attrs["NetworkSettings"]["Ports"]
-    networks = engine.attrs["NetworkSettings"]["Networks"]
-    assert networks, "the engine has a network"
-    for name in networks:
-        assert docker_client.networks.get(name).attrs["Internal"] is True, name
+    assert host["NetworkMode"] == "none"
+    assert set(engine.attrs["NetworkSettings"]["Networks"]) == {"none"}
     model = str(stack.base / "models" / "tiny")
     mounts = {m["Destination"]: m for m in engine.attrs["Mounts"]}
     assert mounts[model]["RW"] is False
     assert mounts["/run/secrets/engine_key"]["RW"] is False
+    assert mounts[SOCKET_DIR]["RW"] is True
     command = engine.attrs["Config"]["Cmd"]
+    assert command[command.index("--uds") + 1] == SOCKET_PATH
     assert command[command.index("--tensor-parallel-size") + 1] == "1"
     assert command[command.index("--max-model-len") + 1] == "512"
     # The key is in a file, not in argv nor in the configured environment.
@@ -236,6 +266,12 @@ def test_engine_container_is_sandboxed(stack: Stack, docker_client: Any) -> None
     assert gateway.attrs["HostConfig"]["ReadonlyRootfs"] is True
     assert gateway.attrs["Config"]["User"] == f"{GATEWAY_UID}:{GATEWAY_UID}"
     assert gateway.attrs["HostConfig"]["CapDrop"] == ["ALL"]
+    assert {m["Destination"]: m for m in gateway.attrs["Mounts"]}[SOCKET_DIR]["RW"] is False
+    # The socket and its folder: the engine's, open to the gateway's group, closed to others.
+    code, out = gateway.exec_run(["stat", "-c", "%u %g %a", SOCKET_DIR, SOCKET_PATH])
+    assert code == 0, out.decode()
+    mode = f"{SOCKET_DIR_MODE:o}"
+    assert out.decode().split("\n")[:2] == [f"{ENGINE_UID} {GATEWAY_UID} {mode}", f"{ENGINE_UID} {GATEWAY_UID} 770"]
 
 
 class HostListener:
@@ -269,10 +305,18 @@ def connect_probe(address: str, port: int) -> str:
     return f"import socket; socket.create_connection(('{address}', {port}), timeout=3); print('connected')"
 
 
-def test_engine_reaches_nothing_but_its_network(stack: Stack, docker_client: Any) -> None:
-    """Listeners the engine must not reach: one on a network it is not part of, one on the host itself."""
+def socket_probe(path: str) -> str:
+    return f"import socket; socket.socket(socket.AF_UNIX).connect('{path}'); print('connected')"
+
+
+def test_engine_reaches_nothing_not_even_the_gateway(stack: Stack, docker_client: Any) -> None:
+    """The engine has the loopback alone; listeners it must not reach: on another network, on the host, the gateway."""
     engine = stack.container(docker_client, "engine")
     python = "/opt/engine/bin/python"
+    code, out = engine.exec_run(["cat", "/proc/net/dev"])
+    interfaces = [line.split(":")[0].strip() for line in out.decode().splitlines()[2:]]
+    assert interfaces == ["lo"]
+
     net = docker_client.networks.create(f"{stack.project}-outside", driver="bridge")
     listener = docker_client.containers.run(
         "bastion-base:bookworm", ["python3", "-m", "http.server", "9999"], network=net.name, detach=True,
@@ -287,24 +331,28 @@ def test_engine_reaches_nothing_but_its_network(stack: Stack, docker_client: Any
             network=net.name, remove=True,
         )  # fmt: skip
         assert b"connected" in control, "the listener must be reachable from its own network"
-        code, out = engine.exec_run([python, "-c", connect_probe(address, 9999)])
-        assert code != 0 and b"connected" not in out, out.decode()
-
-        # The host, at its address on the engine's network and at its address on the gateway's public one.
-        (engine_net,) = engine.attrs["NetworkSettings"]["Networks"]
-        targets = [docker_client.networks.get(n).attrs["IPAM"]["Config"][0]["Gateway"]
-                   for n in (engine_net, f"{stack.project}_public")]  # fmt: skip
-        for target in targets:
-            code, out = engine.exec_run([python, "-c", connect_probe(target, host.port)])
-            assert code != 0 and b"connected" not in out, f"{target}: {out.decode()}"
+        gateway = stack.container(docker_client, "gateway")
+        gateway_address = gateway.attrs["NetworkSettings"]["Networks"][f"{stack.project}_public"]["IPAddress"]
+        public_gateway = docker_client.networks.get(f"{stack.project}_public").attrs["IPAM"]["Config"][0]["Gateway"]
+        for target, port in ((address, 9999), (public_gateway, host.port), (gateway_address, 8000)):
+            code, out = engine.exec_run([python, "-c", connect_probe(target, port)])
+            assert code != 0 and b"connected" not in out, f"{target}:{port}: {out.decode()}"
         assert host.accepted == 0
-        # The gateway, on the same network, does reach the engine.
-        code, out = stack.container(docker_client, "gateway").exec_run(["python3", "-c", connect_probe("engine", 8000)])
-        assert b"connected" in out, out.decode()
     finally:
         host.close()
         listener.remove(force=True)
         net.remove()
+
+    # The one way in: the socket, for the gateway's group only.
+    code, out = gateway.exec_run(["python3", "-c", socket_probe(SOCKET_PATH)])
+    assert b"connected" in out, out.decode()
+    volume = {f"{stack.project}_engine-socket": {"bind": SOCKET_DIR, "mode": "ro"}}
+    for user, expect in ((f"{GATEWAY_UID}:{GATEWAY_UID}", "connected"), ("10003:10003", "Permission denied")):
+        out = docker_client.containers.run(
+            "bastion-base:bookworm", ["sh", "-c", f'python3 -c "{socket_probe(SOCKET_PATH)}" 2>&1 || true'],
+            user=user, volumes=volume, network_mode="none", remove=True,
+        )  # fmt: skip
+        assert expect in out.decode(), f"{user}: {out.decode()}"
 
 
 def test_tampered_model_is_refused_inside_the_stack(stack: Stack) -> None:
@@ -346,33 +394,51 @@ def test_bastion_engine_up_status_down(docker_client: Any, tiny_model: Path, tmp
         assert "no-new-privileges:true" in host["SecurityOpt"]
         assert engine.attrs["Config"]["User"] == f"{ENGINE_UID}:{ENGINE_UID}"
         assert not engine.attrs["NetworkSettings"]["Ports"]
-        (network,) = engine.attrs["NetworkSettings"]["Networks"]
-        assert docker_client.networks.get(network).attrs["Internal"] is True
-        assert docker_client.networks.get(network).attrs["Options"]["com.docker.network.bridge.inhibit_ipv4"] == "true"
-        # Only the engine's own key opens it, from a container on its network (where a gateway runs).
+        assert engine.attrs["HostConfig"]["NetworkMode"] == "none"
+        socket_dir = Path("/run/bastion/engine-tiny")
+        assert status["engine_url"] == f"unix:{socket_dir}/engine.sock"
+        info = socket_dir.stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (ENGINE_UID, GATEWAY_UID, SOCKET_DIR_MODE)
+        # Only the engine's own key opens it, through its socket, as the gateway's user in a container of its own.
         key = (base / "state" / "secrets" / "engine-tiny.key").read_text().strip()
         ask = (
-            "import sys, urllib.request, urllib.error\n"
+            "import sys, socket, http.client\n"
             "for auth in ({}, {'authorization': 'Bearer ' + sys.argv[1]}):\n"
-            f"    r = urllib.request.Request('http://{status['address']}:8000/v1/models', headers=auth)\n"
-            "    try: print(urllib.request.urlopen(r, timeout=10).read().decode())\n"
-            "    except urllib.error.HTTPError as e: print(e.code)\n"
+            "    c = http.client.HTTPConnection('engine', timeout=10)\n"
+            f"    c.sock = socket.socket(socket.AF_UNIX); c.sock.connect('{socket_dir}/engine.sock')\n"
+            "    c.request('GET', '/v1/models', headers=auth); r = c.getresponse()\n"
+            "    print(r.read().decode() if r.status == 200 else r.status)\n"
         )
         out = (
             docker_client.containers.run(
-                "bastion-base:bookworm", ["python3", "-c", ask, key], network=network, remove=True
-            )
+                "bastion-base:bookworm",
+                ["python3", "-c", ask, key],
+                user=f"{GATEWAY_UID}:{GATEWAY_UID}",
+                volumes={str(socket_dir): {"bind": str(socket_dir), "mode": "ro"}},
+                network_mode="none",
+                remove=True,
+            )  # fmt: skip
             .decode()
             .splitlines()
         )
         assert out[0] == "401"
         assert [m["id"] for m in json.loads(out[1])["data"]] == ["tiny"]
         assert bastion("engine", "status", "--config", config).returncode == 0
+        # vLLM leaves its socket behind when it stops, and would fail to bind
+        # it again: the entrypoint clears it, and the engine comes back.
+        engine.stop(timeout=20)
+        assert stat.S_ISSOCK((socket_dir / "engine.sock").lstat().st_mode)
+        engine.start()
+        deadline = time.monotonic() + 600
+        while bastion("engine", "status", "--config", config, check=False).returncode != 0:
+            engine.reload()
+            assert engine.status == "running" and time.monotonic() < deadline, engine.logs(tail=30).decode()
+            time.sleep(2)
     finally:
         down = bastion("engine", "down", "--config", config, check=False)
     assert "removed" in down.stdout
     assert bastion("engine", "status", "--config", config, check=False).returncode == 1
-    assert not docker_client.networks.list(names=["bastion-engine-tiny"])
+    assert not Path("/run/bastion/engine-tiny").exists()
 
 
 def test_engine_up_refuses_a_tampered_model(docker_client: Any, tiny_model: Path, tmp_path: Path) -> None:
