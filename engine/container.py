@@ -104,9 +104,14 @@ class ContainerEngineConfig:
         return f"bastion-engine-{self.name}"
 
     @property
+    def host_socket(self) -> Path:
+        """The engine's socket as the host sees it."""
+        return self.socket_dir / Path(SOCKET_PATH).name
+
+    @property
     def engine_url(self) -> str:
         """What the gateway's `engine_url` is for this engine."""
-        return f"unix:{self.socket_dir / Path(SOCKET_PATH).name}"
+        return f"unix:{self.host_socket}"
 
 
 def engine_command(spec: EngineSpec, name: str, model_dir: Path) -> list[str]:
@@ -258,8 +263,7 @@ class ContainerEngine:
         if c is not None:
             c.stop(timeout=grace)
             c.remove()
-        folder = self.config.socket_dir
-        (folder / Path(SOCKET_PATH).name).unlink(missing_ok=True)
+        self.config.host_socket.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # gone already, or holds more than the socket: left to look at
-            folder.rmdir()
+            self.config.socket_dir.rmdir()
         return c is not None
