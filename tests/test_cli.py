@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from engine import manifest
+from gateway.cli import demo_engine_url
+from gateway.settings import load_settings
 from tests.support import BASTION, EngineRef, bastion, engine_client, fetch_records, free_port, write_config
 
 
@@ -267,6 +269,16 @@ def test_up_starts_no_engine_for_a_tampered_model(
     assert "engine tiny: starting" not in result.stderr
 
 
+def test_the_demo_engine_gets_a_port_only_when_asked_or_when_a_socket_path_would_be_too_long(tmp_path: Path) -> None:
+    short, long = tmp_path / "s", tmp_path / ("x" * 100)
+    for folder in (short, long):
+        bastion("init", "--dir", str(folder))
+    url = lambda folder, port=None: demo_engine_url(load_settings(folder / "bastion.toml"), port)  # noqa: E731
+    assert url(short) == f"unix:{short / 'state' / 'run' / 'engine.sock'}"
+    assert url(short, 9000) == "http://127.0.0.1:9000"
+    assert url(long) == "http://127.0.0.1:8100"
+
+
 @pytest.mark.engine
 def test_demo_model_is_converted_signed_and_verifies(tmp_path: Path, engine_python: str) -> None:
     bastion("init", "--dir", str(tmp_path), "--engine-python", engine_python)
@@ -277,6 +289,8 @@ def test_demo_model_is_converted_signed_and_verifies(tmp_path: Path, engine_pyth
     assert (model / "model.safetensors").stat().st_size > 200_000_000
     text = config.read_text()
     assert "[[publishers]]" in text and 'name = "smollm2"' in text and "manifest = " in text
+    # The demo engine gets no port: a socket in the state folder, this user's alone.
+    assert f'engine_url = "unix:{tmp_path / "state" / "run" / "engine.sock"}"' in text
     manifest_file = tmp_path / "state" / "manifests" / "smollm2.manifest.json"
     # Verified with the keys the config trusts, as the gateway and `up` will.
     result = bastion("manifest", "verify", str(model), "--manifest", str(manifest_file), "--model", "smollm2",
