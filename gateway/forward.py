@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
+import structlog
 
 from gateway.engine_http import (
     BadResponse,
@@ -24,6 +25,8 @@ from gateway.engine_http import (
     TransportError,
 )
 from gateway.errors import EngineError, EngineTimeout, EngineUnavailable, GatewayError
+
+log = structlog.get_logger("bastion.engine")
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -82,6 +85,8 @@ class Upstream:
 
 
 def _translate(exc: TransportError) -> GatewayError:
+    # The caller is told only that the engine failed; the operator, why.
+    log.warning("engine.transport_error", reason=str(exc))
     if isinstance(exc, ConnectTimeout):
         return EngineUnavailable("The model engine is not reachable right now.", audit_reason="engine_connect_timeout")
     if isinstance(exc, ConnectFailed):
@@ -161,6 +166,12 @@ class Forwarder:
             async with asyncio.timeout(timeout):
                 response = await self._pool.request(upstream.origin, "GET", "/health")
                 await response.read()
-        except (TransportError, TimeoutError):
+        except TransportError as exc:
+            log.warning("engine.unhealthy", engine_url=upstream.base_url, reason=str(exc))
             return False
+        except TimeoutError:
+            log.warning("engine.unhealthy", engine_url=upstream.base_url, reason=f"no answer within {timeout:g} s")
+            return False
+        if response.status != 200:
+            log.warning("engine.unhealthy", engine_url=upstream.base_url, reason=f"/health answered {response.status}")
         return response.status == 200

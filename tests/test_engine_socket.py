@@ -4,12 +4,19 @@ the `up` test (tests/test_cli.py) and as the session's audio engine."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from engine.container import ENGINE_UID, GATEWAY_UID
 from engine.local import listen_args, prepare_socket
+from gateway.engine_http import EnginePool, Origin, TransportError
 
 
 def test_listen_args_for_a_socket_or_a_loopback_port_and_nothing_else() -> None:
@@ -51,3 +58,60 @@ def test_a_live_socket_an_open_folder_or_another_file_is_refused(tmp_path: Path)
     open_folder.chmod(0o755)
     with pytest.raises(ValueError, match="theirs alone"):
         prepare_socket(str(open_folder / "e.sock"))
+
+
+def _connect_as(uid: int, gid: int, url: str) -> str:
+    """What a connection to `url` through the gateway's engine pool ends in, made by
+    a forked child running as `uid`:`gid` (the interpreter under /root is not others' to start)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, connect, report, exit without running pytest's teardown
+        outcome = "connected"
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            pool = EnginePool(connect_timeout=2, read_timeout=1, size=1, keepalive=5)
+            asyncio.run(pool.request(Origin.of(url, {}), "GET", "/health"))
+        except TransportError as exc:
+            outcome = f"{type(exc).__name__} {exc}"
+        except BaseException as exc:  # noqa: BLE001 (reported to the parent, which fails the test)
+            outcome = f"unexpected {exc!r}"
+        os.write(write_end, outcome.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        outcome = reader.read().decode()
+    os.waitpid(pid, 0)
+    return outcome
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder others may enter (pytest's own are root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="bastion-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="connects as other users")
+def test_a_gateway_outside_the_sockets_group_is_told_why_it_cannot_connect(open_folder: Path) -> None:
+    """The containers' layout: a socket folder of the engine's user, setgid to
+    the gateway's group. A caller in that group connects (and, as nothing
+    answers here, times out reading); one outside it is told it needs the group."""
+    run = open_folder / "run"
+    run.mkdir()
+    os.chown(run, ENGINE_UID, GATEWAY_UID)
+    run.chmod(0o2750)
+    path = run / "engine.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        os.chown(path, ENGINE_UID, GATEWAY_UID)
+        path.chmod(0o770)
+        assert _connect_as(10003, GATEWAY_UID, f"unix:{path}").startswith("ReadTimeout")
+        assert _connect_as(10003, 10003, f"unix:{path}") == (
+            f"ConnectFailed cannot connect to the engine: permission denied on {path};"
+            " the gateway's user must be in the socket's group"
+        )

@@ -26,7 +26,8 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 
 
 def test_engine_down_is_503_and_audited(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway(engines=[EngineRef("m", f"http://127.0.0.1:{free_port()}", "k")])
+    engine_url = f"http://127.0.0.1:{free_port()}"
+    gw = make_gateway(engines=[EngineRef("m", engine_url, "k")])
     key = gw.create_key()
     r = gw.post("/v1/chat/completions", json=CHAT, key=key)
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
@@ -35,6 +36,13 @@ def test_engine_down_is_503_and_audited(make_gateway: GatewayFactory) -> None:
     assert records[1]["error_type"] == "engine_connect_failed" and records[1]["outcome"] == "error"
     ready = httpx.get(gw.url + "/readyz")
     assert ready.status_code == 503 and ready.json()["checks"]["engines"] == {"m": "unhealthy"}
+    # The caller hears only that the engine is unavailable; the log says why, for the call and for readyz.
+    lines = [json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{")]
+    failed = [x for x in lines if x["event"] == "engine.transport_error"]
+    assert [x["request_id"] for x in failed] == [r.headers["x-request-id"]]
+    assert failed[0]["reason"] == "cannot connect to the engine: Connection refused"
+    unhealthy = [x for x in lines if x["event"] == "engine.unhealthy"]
+    assert unhealthy and unhealthy[-1]["engine_url"] == engine_url and "Connection refused" in unhealthy[-1]["reason"]
 
 
 def test_engine_too_slow_is_504_and_audited(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
