@@ -8,7 +8,7 @@ hand-edit vLLM flags.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -23,6 +23,11 @@ class EngineSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reasoning_parser: str = ""
     # GiB of KV cache for the CPU build (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = 1
+    # Which CPUs each tensor-parallel worker of the CPU build runs on
+    # (VLLM_CPU_OMP_THREADS_BIND): "auto" wants a NUMA node per worker, so a
+    # one-node host with tensor_parallel_size > 1 needs lists, e.g. "0-7|8-15",
+    # or "nobind".
+    cpu_threads_bind: Annotated[str, msgspec.Meta(pattern=r"^(auto|nobind|[0-9,-]+(\|[0-9,-]+)*)$")] = "auto"
     gpu_memory_utilization: float = 0.9
     # Skip torch.compile and CUDA graphs: starts faster, decodes slower (GPU only).
     enforce_eager: bool = False
@@ -61,4 +66,5 @@ class EngineSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib),
+            "VLLM_CPU_OMP_THREADS_BIND": self.cpu_threads_bind,
         }

@@ -63,8 +63,9 @@ def docker_client() -> Any:
     return client
 
 
-def deploy_dir(root: Path, tiny_model: Path) -> Path:
-    """A Bastion folder for compose: config, secrets, a signed copy of the tiny model."""
+def deploy_dir(root: Path, tiny_model: Path, engine: str = "") -> Path:
+    """A Bastion folder for compose: config, secrets, a signed copy of the tiny model;
+    `engine`: more lines for its `[deployments.engine]`."""
     base = root / "deploy"
     bastion("init", "--dir", str(base), "--compose")
     model = base / "models" / "tiny"
@@ -90,7 +91,7 @@ manifest = "tiny.manifest.json"
 dtype = "bfloat16"
 max_model_len = 512
 cpu_kv_cache_gib = 1
-""")
+{engine}""")
     return base
 
 
@@ -380,8 +381,10 @@ def test_zz_compose_down_leaves_nothing(stack: Stack, docker_client: Any) -> Non
 
 
 def test_bastion_engine_up_status_down(docker_client: Any, tiny_model: Path, tmp_path: Path) -> None:
-    """The same sandbox through the Docker SDK: up (after verifying the model), status, a call, down."""
-    base = deploy_dir(tmp_path, tiny_model)
+    """The same sandbox through the Docker SDK: up (after verifying the model), status, a call, down.
+    With two tensor-parallel workers (each on a core of its own), which meet on the loopback alone."""
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    base = deploy_dir(tmp_path, tiny_model, f'tensor_parallel_size = 2\ncpu_threads_bind = "{first}|{second}"\n')
     config = str(base / "bastion.toml")
     up = bastion("engine", "up", "--config", config, "--cpu", "--wait", "600", "--json", check=False, timeout=700)
     try:
@@ -395,6 +398,12 @@ def test_bastion_engine_up_status_down(docker_client: Any, tiny_model: Path, tmp
         assert engine.attrs["Config"]["User"] == f"{ENGINE_UID}:{ENGINE_UID}"
         assert not engine.attrs["NetworkSettings"]["Ports"]
         assert engine.attrs["HostConfig"]["NetworkMode"] == "none"
+        # Both workers are up, and what they say to each other goes over 127.0.0.1.
+        logs = engine.logs().decode(errors="replace")
+        assert "world_size=2 rank=0" in logs and "world_size=2 rank=1" in logs
+        tcp = engine.exec_run(["cat", "/proc/net/tcp"]).output.decode().splitlines()[1:]
+        ends = {end.split(":")[0] for line in tcp for end in line.split()[1:3]}
+        assert tcp and ends <= {"0100007F", "00000000"}, tcp  # 127.0.0.1, or a listener's unbound remote
         socket_dir = Path("/run/bastion/engine-tiny")
         assert status["engine_url"] == f"unix:{socket_dir}/engine.sock"
         info = socket_dir.stat()

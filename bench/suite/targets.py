@@ -235,19 +235,18 @@ def vllm_upstream(work: Path, engine_python: str, cpus: set[int] | None = None) 
     model = work / "tiny"
     subprocess.run([engine_python, str(ROOT / "engine" / "build_tiny.py"), str(model)], check=True, capture_output=True)
     url, key = f"http://127.0.0.1:{free_port()}", secrets.token_urlsafe(24)
-    spec = EngineSpec(max_model_len=512, dtype="bfloat16")
+    bind = "auto" if cpus is None else ",".join(str(c) for c in sorted(cpus))
+    spec = EngineSpec(max_model_len=512, dtype="bfloat16", cpu_threads_bind=bind)
     engine = LocalEngine(LocalEngineConfig("tiny", engine_python, model, url, key, spec, work / "engine.log"))
     if cpus is None:
         engine.start()
     else:
         # Children inherit the affinity they are started with; this process gets its own back.
         before = os.sched_getaffinity(0)
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(cpus))
         os.sched_setaffinity(0, cpus)
         try:
             engine.start()
         finally:
             os.sched_setaffinity(0, before)
-            del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     engine.wait_healthy(600)
     return Upstream("vllm", url, key, ("tiny",)), engine
