@@ -21,6 +21,7 @@ requests and reads its memory as it goes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -114,6 +115,9 @@ def main() -> None:
     parser.add_argument("--shared-cores", action="store_true",  # forced on a machine with one core
                         help="let vLLM share every core with the gateways and wrk (default: its own core)")  # fmt: skip
     args = parser.parse_args()
+    # The chart is drawn last: say now, not after the whole run, that it cannot be.
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error("the chart needs matplotlib: `make bench` installs it (pip install -e '.[bench]')")
     if not args.no_netns:
         _isolate()
     if args.quick:
