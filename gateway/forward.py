@@ -141,6 +141,9 @@ class Forwarder:
         self._pool = EnginePool(
             connect_timeout=connect_timeout, read_timeout=read_timeout, size=pool_size, keepalive=keepalive
         )
+        # Why each engine last failed its health check: logged when that changes,
+        # not at every probe of /readyz while an engine stays down.
+        self._unhealthy: dict[str, str] = {}
 
     async def close(self) -> None:
         await self._pool.close()
@@ -162,16 +165,25 @@ class Forwarder:
         return EngineStream(response)
 
     async def health(self, upstream: Upstream, timeout: float = 2.0) -> bool:
+        reason = ""
         try:
             async with asyncio.timeout(timeout):
                 response = await self._pool.request(upstream.origin, "GET", "/health")
                 await response.read()
+            if response.status != 200:
+                reason = f"/health answered {response.status}"
         except TransportError as exc:
-            log.warning("engine.unhealthy", engine_url=upstream.base_url, reason=str(exc))
-            return False
+            reason = str(exc)
         except TimeoutError:
-            log.warning("engine.unhealthy", engine_url=upstream.base_url, reason=f"no answer within {timeout:g} s")
-            return False
-        if response.status != 200:
-            log.warning("engine.unhealthy", engine_url=upstream.base_url, reason=f"/health answered {response.status}")
-        return response.status == 200
+            reason = f"no answer within {timeout:g} s"
+        self._note_health(upstream.base_url, reason)
+        return not reason
+
+    def _note_health(self, engine_url: str, reason: str) -> None:
+        before = self._unhealthy.pop(engine_url, "")
+        if reason:
+            self._unhealthy[engine_url] = reason
+            if reason != before:
+                log.warning("engine.unhealthy", engine_url=engine_url, reason=reason)
+        elif before:
+            log.info("engine.healthy", engine_url=engine_url)

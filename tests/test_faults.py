@@ -5,6 +5,7 @@ OpenAI-shaped error; the audit store faults end with the engine never called."""
 from __future__ import annotations
 
 import concurrent.futures
+import http.server
 import json
 import secrets
 import subprocess
@@ -34,15 +35,48 @@ def test_engine_down_is_503_and_audited(make_gateway: GatewayFactory) -> None:
     records = gw.records(r.headers["x-request-id"])
     assert [x["phase"] for x in records] == ["intent", "final"]
     assert records[1]["error_type"] == "engine_connect_failed" and records[1]["outcome"] == "error"
-    ready = httpx.get(gw.url + "/readyz")
-    assert ready.status_code == 503 and ready.json()["checks"]["engines"] == {"m": "unhealthy"}
-    # The caller hears only that the engine is unavailable; the log says why, for the call and for readyz.
-    lines = [json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{")]
-    failed = [x for x in lines if x["event"] == "engine.transport_error"]
+    for _ in range(3):
+        ready = httpx.get(gw.url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["engines"] == {"m": "unhealthy"}
+    # The caller hears only that the engine is unavailable; the log says why, for the
+    # call, and once for readyz however often it is asked, until the engine is back.
+    failed = [x for x in _log(gw) if x["event"] == "engine.transport_error"]
     assert [x["request_id"] for x in failed] == [r.headers["x-request-id"]]
     assert failed[0]["reason"] == "cannot connect to the engine: Connection refused"
-    unhealthy = [x for x in lines if x["event"] == "engine.unhealthy"]
-    assert unhealthy and unhealthy[-1]["engine_url"] == engine_url and "Connection refused" in unhealthy[-1]["reason"]
+    unhealthy = [x for x in _log(gw) if x["event"] == "engine.unhealthy"]
+    assert [(x["engine_url"], x["reason"]) for x in unhealthy] == [
+        (engine_url, "cannot connect to the engine: Connection refused")
+    ]
+    with _healthy_engine_at(int(engine_url.rsplit(":", 1)[1])):
+        assert httpx.get(gw.url + "/readyz").json()["checks"]["engines"] == {"m": "healthy"}
+    assert [x["engine_url"] for x in _log(gw) if x["event"] == "engine.healthy"] == [engine_url]
+
+
+def _log(gw: Gateway) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{")]
+
+
+@contextmanager
+def _healthy_engine_at(port: int) -> Iterator[None]:
+    """A listener that answers vLLM's /health with 200, and nothing else."""
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_engine_too_slow_is_504_and_audited(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
