@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine import manifest
-from engine.address import MAX_SOCKET_PATH, UNIX
+from engine.address import UNIX, socket_path
 from gateway import migrate
 from gateway.audit.capture import rotate_keyring
 from gateway.cli_audit import audit
@@ -494,11 +494,13 @@ def demo_engine_url(settings: Settings, port: int | None) -> str:
     """A Unix socket in the state folder, which only this user may open; a
     loopback port when asked for, or when the folder's path is too long for a socket."""
     if port is None:
-        path = (settings.state_path / "run" / "engine.sock").absolute()
-        if len(str(path).encode()) <= MAX_SOCKET_PATH:
-            return f"{UNIX}{path}"
-        port = DEMO_PORT
-        click.echo(f"{path} is longer than a socket path may be: the demo engine gets port {port}", err=True)
+        url = f"{UNIX}{(settings.state_path / 'run' / 'engine.sock').absolute()}"
+        try:
+            socket_path(url)  # the one check of what a socket's path may be
+            return url
+        except ValueError as exc:
+            port = DEMO_PORT
+            click.echo(f"{exc}: the demo engine gets port {port}", err=True)
     return f"http://127.0.0.1:{port}"
 
 
