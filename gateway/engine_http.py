@@ -350,12 +350,12 @@ class EnginePool:
                     )
         except TimeoutError:
             raise ConnectTimeout(f"no connection to the engine within {self._connect_timeout:g} s") from None
-        except PermissionError:
-            # Only the socket's group may open it (docs/deploy.md); a port cannot refuse this way.
-            raise ConnectFailed(
-                f"cannot connect to the engine: permission denied on {origin.unix_path};"
-                " the gateway's user must be in the socket's group"
-            ) from None
         except OSError as exc:
+            if isinstance(exc, PermissionError) and origin.unix_path is not None:
+                # Only the socket's group may open it (docs/deploy.md).
+                raise ConnectFailed(
+                    f"cannot connect to the engine: permission denied on {origin.unix_path};"
+                    " the gateway's user must be in the socket's group"
+                ) from None
             raise ConnectFailed(f"cannot connect to the engine: {exc.strerror or exc}") from None
         return conn
