@@ -26,6 +26,14 @@ It also guards the connection, where uvicorn does not:
   503 at their first bytes, or closed if none come within TURNED_AWAY_SECONDS
   (gateway/connection_limits.py).
 
+A request refused here (400, 408, 431, 503 over the caps) is answered, the
+gateway's side of the connection is shut (the client reads the answer, then
+end of file), and whatever the client still sends is read and dropped until it
+closes its side, for `gateway.body_timeout_seconds` at most (TURNED_AWAY_SECONDS
+for a connection over the caps, which is not counted): the lingering close of
+nginx. Closing at once with bytes unread resets the connection, and a client
+that stops at the failed write, before reading, loses the answer.
+
 A request that is not valid HTTP gets 400 (uvicorn's own is plain text).
 Refusals are in OpenAI's shape and audited, like every refusal.
 """
@@ -79,6 +87,10 @@ class CoalescingTransport:
         self.flush()  # a `connection: close` answer is written before the socket closes
         self._transport.close()
 
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
@@ -105,6 +117,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     # Set when this connection is one too many: its first bytes get this refusal.
     _turned_away: TooManyConnections | None = None
     _counted = False
+    # Set once a refusal is written: what arrives after it is dropped.
+    _refused = False
 
     def __init__(
         self,
@@ -150,10 +164,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         return self.client[0] if self.client else None
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # the rest of a refused request: dropped while the connection lingers
         if self._turned_away is not None:
             # Answered at its first bytes, so that the client reads a reason rather than a reset.
             if not self.transport.is_closing():
-                self._refuse(self._turned_away)
+                self._refuse(self._turned_away, linger=TURNED_AWAY_SECONDS)
             return
         if self._in_head:
             self._head_bytes += len(data)
@@ -244,8 +260,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # uvicorn's answer to bytes httptools cannot parse.
         self._refuse(BadRequest("The request is not valid HTTP/1.1.", code="invalid_http"))
 
-    def _refuse(self, err: GatewayError) -> None:
-        """Answer `err` and close the connection; audited when the app has started."""
+    def _refuse(self, err: GatewayError, *, linger: float | None = None) -> None:
+        """Answer `err` and close the connection, lingering (the module's
+        docstring) for `linger` seconds, `body_timeout` by default; audited when
+        the app has started."""
         peer = self._peer
         # The app's way to audit it (gateway/app.py), once its services have started.
         audit = getattr(getattr(self.app, "state", None), "refuse_unparsed", None)
@@ -259,4 +277,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         body = err.body()
         status = f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n".encode()
         self.transport.write(status + headers + b"content-length: %d\r\n\r\n" % len(body) + body)
-        self.transport.close()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # an answer is still being sent: nothing more can be said cleanly
+            return
+        self._refused = True
+        self._disarm_head_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.flush()  # TLS cannot shut one side: the client reads to content-length
+        self.flow.resume_reading()  # a body paused for flow control is drained too
+        # The client's end of file closes the connection sooner (uvicorn's eof_received).
+        self._linger_timer = self.loop.call_later(
+            self._body_timeout if linger is None else linger, self.transport.close
+        )

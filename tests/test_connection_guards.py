@@ -1,6 +1,7 @@
 """What a client cannot do to the gateway's connections: trickle a body, keep a
 connection open by trickling a body after its answer, leave a stream unread,
-or open connections without end. Each is a real client socket against a
+or open connections without end; and what a refused client still gets: its
+answer, not a reset. Each is a real client socket against a
 real gateway; the engines are real sockets that never answer, or never stop."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 
 import httpx
 
+from gateway.http_protocol import MAX_HEAD_BYTES
 from tests.conftest import GatewayFactory
 from tests.support import EngineRef, SocketDouble, exchange
 
@@ -22,6 +24,11 @@ def _post_head(key: str, length: int, *, path: str = "/v1/chat/completions") -> 
         f"POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
         f"content-type: application/json\r\ncontent-length: {length}\r\n\r\n"
     ).encode()
+
+
+def _health(conn: socket.socket) -> bytes:
+    conn.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    return conn.recv(65536)
 
 
 def test_a_body_must_arrive_in_time(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
@@ -123,17 +130,12 @@ def test_a_client_that_stops_reading_is_disconnected(make_gateway: GatewayFactor
 def test_connections_are_capped_per_client_and_in_all(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
     """One connection too many is answered 503 at its first request, audited;
     once one closes, a new one is served. A trusted proxy is capped only in all."""
-
-    def health(conn: socket.socket) -> bytes:
-        conn.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        return conn.recv(65536)
-
     gw = make_gateway(
         engines=[EngineRef("m", tripwire.url, "k")],
         gateway={"max_connections_per_client": 2, "max_connections": 3},
     )
     held = [socket.create_connection(("127.0.0.1", gw.port), timeout=10) for _ in range(2)]
-    assert all(health(c).startswith(b"HTTP/1.1 200") for c in held)
+    assert all(_health(c).startswith(b"HTTP/1.1 200") for c in held)
     status, headers, body = exchange(gw.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
     assert status == 503 and headers["retry-after"] == "1"
     assert json.loads(body)["error"]["code"] == "too_many_connections"
@@ -158,8 +160,53 @@ def test_connections_are_capped_per_client_and_in_all(make_gateway: GatewayFacto
         gateway={"max_connections_per_client": 1, "max_connections": 3, "trusted_proxies": ["127.0.0.1/32"]},
     )
     held = [socket.create_connection(("127.0.0.1", proxied.port), timeout=10) for _ in range(3)]
-    assert all(health(c).startswith(b"HTTP/1.1 200") for c in held)
+    assert all(_health(c).startswith(b"HTTP/1.1 200") for c in held)
     status, headers, _ = exchange(proxied.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
     assert status == 503 and proxied.final(headers["x-request-id"])["error_type"] == "too_many_connections"
     for c in held:
         c.close()
+
+
+def test_a_refused_client_still_sending_gets_its_answer(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
+    """A request refused before the app sees it (over the caps, a head too
+    large) is answered and the rest of what the client sends is read and
+    dropped, so a client that writes its whole request before reading gets the
+    answer, not a reset. One that never stops sending is closed when the
+    linger is up (`body_timeout_seconds`; TURNED_AWAY_SECONDS over the caps)."""
+    gw = make_gateway(
+        engines=[EngineRef("m", tripwire.url, "k")],
+        gateway={"max_connections_per_client": 1, "body_timeout_seconds": 1.0},
+    )
+
+    def send_all_then_read(*parts: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as conn:
+            for part in parts:
+                conn.sendall(part)  # a reset would raise here
+            conn.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        return answer
+
+    held = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    assert _health(held).startswith(b"HTTP/1.1 200")
+    mib = b"x" * (1 << 20)
+    answer = send_all_then_read(_post_head("bst_nope_nope", 16 << 20), *[mib] * 16)
+    assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
+    held.close()
+    time.sleep(0.2)
+
+    big_head = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: "
+    answer = send_all_then_read(big_head, *[mib] * 8)
+    assert answer.startswith(b"HTTP/1.1 431")
+
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as conn:
+        conn.sendall(big_head + b"a" * (MAX_HEAD_BYTES + 1))
+        t0, closed = time.monotonic(), False
+        while not closed and time.monotonic() - t0 < 10:
+            try:
+                conn.sendall(b"a" * 1024)
+                time.sleep(0.05)
+            except OSError:
+                closed = True
+        assert closed and 0.9 < time.monotonic() - t0 < 4

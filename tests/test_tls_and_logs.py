@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 from pathlib import Path
 
 import httpx
@@ -27,6 +29,21 @@ def test_gateway_serves_tls_with_a_certificate(
         httpx.get(f"http://127.0.0.1:{gw.port}/healthz", timeout=2).raise_for_status()
     with pytest.raises(httpx.ConnectError):
         httpx.get(gw.url + "/healthz", timeout=2)
+    # A refusal before the app over TLS, which cannot shut one side of the
+    # connection: the answer still arrives whole while the client sends on.
+    context = gw.verify
+    assert isinstance(context, ssl.SSLContext)
+    with (
+        socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+    ):
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: ")
+        for _ in range(16):
+            conn.sendall(b"a" * (1 << 20))  # a reset would raise here
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            answer += conn.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431") and b"request_header_fields_too_large" in answer
 
 
 def test_logs_are_json_with_request_ids_and_no_secrets(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
