@@ -10,14 +10,31 @@ request is answered 503 (gateway/http_protocol.py) and the connection closed.
 A trusted proxy (`gateway.trusted_proxies`) carries many callers' connections,
 so its connections count only towards the total. The counts are per worker
 process: with `gateway.workers = N`, the gateway as a whole holds up to N times.
+
+A connection over the caps that sends no request is closed unanswered and has
+no audit record (there is no request to record). Such connections are what a
+flood meant to exhaust the caps looks like, so they are counted and logged as
+one `http.turned_away_silent` line per SUMMARY_SECONDS, with the addresses that
+sent the most, rather than a line each.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+
+import structlog
 
 from gateway.client_address import Networks
 from gateway.errors import TooManyConnections
+
+log = structlog.get_logger("bastion.http")
+
+SUMMARY_SECONDS = 10.0
+# Addresses named in a summary line; and tracked between lines, so that a
+# flood from many addresses costs bounded memory (the rest are only counted).
+TOP_CLIENTS = 5
+MAX_TRACKED_CLIENTS = 1024
 
 
 class ConnectionLimits:
@@ -27,6 +44,8 @@ class ConnectionLimits:
         self._total, self._per_client, self._proxies = total, per_client, proxies
         self._open: Counter[str | None] = Counter()
         self._count = 0
+        self._silent: Counter[str | None] = Counter()
+        self._silent_count = 0
 
     def open(self, peer: str | None) -> TooManyConnections | None:
         """Count a new connection from `peer`; the refusal it gets when it is one too many.
@@ -54,3 +73,21 @@ class ConnectionLimits:
         self._open[peer] -= 1
         if not self._open[peer]:
             del self._open[peer]
+
+    def turned_away_silent(self, peer: str | None, loop: asyncio.AbstractEventLoop) -> None:
+        """A connection refused by `open` closed without sending a request."""
+        if not self._silent_count:
+            loop.call_later(SUMMARY_SECONDS, self._log_silent)
+        self._silent_count += 1
+        if peer in self._silent or len(self._silent) < MAX_TRACKED_CLIENTS:
+            self._silent[peer] += 1
+
+    def _log_silent(self) -> None:
+        log.warning(
+            "http.turned_away_silent",
+            count=self._silent_count,
+            seconds=SUMMARY_SECONDS,
+            clients=dict(self._silent.most_common(TOP_CLIENTS)),
+        )
+        self._silent.clear()
+        self._silent_count = 0

@@ -24,7 +24,7 @@ It also guards the connection, where uvicorn does not:
   connection, and the client could lose the answer;
 - connections over `gateway.max_connections` (per client too) are answered
   503 at their first bytes, or closed if none come within TURNED_AWAY_SECONDS
-  (gateway/connection_limits.py).
+  (and counted into a summary log line: gateway/connection_limits.py).
 
 A request refused here (400, 408, 431, 503 over the caps) is answered, the
 gateway's side of the connection is shut (the client reads the answer, then
@@ -157,6 +157,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             assert self._limits is not None
             self._limits.close(self._peer)
             self._counted = False
+        elif self._turned_away is not None and not self._refused:
+            assert self._limits is not None
+            self._limits.turned_away_silent(self._peer, self.loop)
+            self._turned_away = None
         super().connection_lost(exc)
 
     @property
