@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from engine.address import reach_problem
 from engine.manifest import Verification
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.capture import KeyringError, Sealer, load_keyring
@@ -237,7 +238,13 @@ def payload_sealer(settings: Settings, policy: Policy) -> Sealer | None:
 
 
 def preflight(settings: Settings, *, engine_keys: bool = True) -> None:
-    """Load every secret the gateway needs, so a missing one stops the start with a clear error."""
+    """Load every secret the gateway needs, and check it may reach every engine
+    socket that exists, so that a missing secret or a gateway outside a socket's
+    group stops the start with a clear error (group membership is fixed for the
+    process's life: every call would fail)."""
+    for d in settings.deployments:
+        if problem := reach_problem(d.engine_url):
+            raise ConfigError(f"deployment {d.name!r}: cannot reach the engine's socket: {problem}")
     if engine_keys:
         for d in settings.deployments:
             read_engine_key(settings, d.name)

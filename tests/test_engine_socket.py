@@ -9,14 +9,17 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from engine.address import reach_problem
 from engine.container import ENGINE_UID, GATEWAY_UID
 from engine.local import listen_args, prepare_socket
-from gateway.engine_http import EnginePool, Origin, TransportError
+from gateway.engine_http import EnginePool, Origin
+from gateway.services import preflight
+from gateway.settings import load_settings
 
 
 def test_listen_args_for_a_socket_or_a_loopback_port_and_nothing_else() -> None:
@@ -60,23 +63,19 @@ def test_a_live_socket_an_open_folder_or_another_file_is_refused(tmp_path: Path)
         prepare_socket(str(open_folder / "e.sock"))
 
 
-def _connect_as(uid: int, gid: int, url: str) -> str:
-    """What a connection to `url` through the gateway's engine pool ends in, made by
-    a forked child running as `uid`:`gid` (the interpreter under /root is not others' to start)."""
+def _as_user(uid: int, gid: int, work: Callable[[], str]) -> str:
+    """What `work` returns (or raises) in a forked child running as `uid`:`gid`
+    (the interpreter under /root is not others' to start)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: drop to the user, connect, report, exit without running pytest's teardown
-        outcome = "connected"
+    if pid == 0:  # the child: drop to the user, work, report, exit without running pytest's teardown
         try:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
-            pool = EnginePool(connect_timeout=2, read_timeout=1, size=1, keepalive=5)
-            asyncio.run(pool.request(Origin.of(url, {}), "GET", "/health"))
-        except TransportError as exc:
+            outcome = work()
+        except BaseException as exc:  # noqa: BLE001 (reported to the parent, which checks it)
             outcome = f"{type(exc).__name__} {exc}"
-        except BaseException as exc:  # noqa: BLE001 (reported to the parent, which fails the test)
-            outcome = f"unexpected {exc!r}"
         os.write(write_end, outcome.encode())
         os._exit(0)
     os.close(write_end)
@@ -84,6 +83,17 @@ def _connect_as(uid: int, gid: int, url: str) -> str:
         outcome = reader.read().decode()
     os.waitpid(pid, 0)
     return outcome
+
+
+def _connect_as(uid: int, gid: int, url: str) -> str:
+    """What a connection to `url` through the gateway's engine pool ends in, as `uid`:`gid`."""
+
+    def connect() -> str:
+        pool = EnginePool(connect_timeout=2, read_timeout=1, size=1, keepalive=5)
+        asyncio.run(pool.request(Origin.of(url, {}), "GET", "/health"))
+        return "connected"
+
+    return _as_user(uid, gid, connect)
 
 
 @pytest.fixture
@@ -114,4 +124,43 @@ def test_a_gateway_outside_the_sockets_group_is_told_why_it_cannot_connect(open_
         assert _connect_as(10003, 10003, f"unix:{path}") == (
             f"ConnectFailed cannot connect to the engine: permission denied on {path};"
             " the gateway's user must be in the socket's group"
+        )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checks as other users")
+def test_a_gateway_outside_the_sockets_group_does_not_start(open_folder: Path) -> None:
+    """The same layout, checked before the gateway starts: outside the socket's
+    group, `preflight` (what `bastion serve` and `up` run first) stops with the
+    reason; in it, or before the engine has made its socket, it goes on."""
+    run = open_folder / "run"
+    run.mkdir()
+    os.chown(run, ENGINE_UID, GATEWAY_UID)
+    run.chmod(0o2750)
+    path = run / "engine.sock"
+    url = f"unix:{path}"
+    config = open_folder / "bastion.toml"
+    config.write_text(f'[[deployments]]\nname = "m"\nengine_url = "{url}"\nverify = false\n')
+    settings = load_settings(config)
+    check = lambda: str(reach_problem(url))  # noqa: E731
+    assert _as_user(10003, GATEWAY_UID, check) == "None"  # no socket yet: its engine starts later
+    assert _as_user(10003, 10003, check).startswith(
+        f"the gateway's user (uid 10003, groups 10003) may not enter {run} (owner {ENGINE_UID}, group {GATEWAY_UID},"
+        " mode 2750); the gateway's user must be in the socket's group"
+    )
+
+    def start() -> str:
+        preflight(settings)
+        return "started"
+
+    assert _as_user(10003, 10003, start).startswith(
+        "ConfigError deployment 'm': cannot reach the engine's socket: the gateway's user (uid 10003"
+    )
+    run.chmod(0o2751)  # others may enter the folder, and may still not use the socket
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        os.chown(path, ENGINE_UID, GATEWAY_UID)
+        path.chmod(0o770)
+        assert _as_user(10003, GATEWAY_UID, check) == "None"
+        assert f"may not connect to {path} (owner {ENGINE_UID}, group {GATEWAY_UID}, mode 770)" in _as_user(
+            10003, 10003, check
         )
