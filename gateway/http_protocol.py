@@ -288,10 +288,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
-        if self.transport.can_write_eof():
+        if self.transport.can_write_eof():  # TLS cannot: its client reads to content-length
             self.transport.write_eof()
-        else:
-            self.transport.flush()  # TLS cannot shut one side: the client reads to content-length
         self.flow.resume_reading()  # a body paused for flow control is drained too
         # The client's end of file closes the connection sooner (uvicorn's eof_received).
         self._linger_timer = self.loop.call_later(
