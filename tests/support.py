@@ -227,6 +227,10 @@ class Gateway:
     def url(self) -> str:
         return f"{'https' if self.tls_cert else 'http'}://127.0.0.1:{self.port}"
 
+    def log_events(self) -> list[dict[str, Any]]:
+        """The gateway's JSON log lines so far, parsed."""
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+
     @property
     def verify(self) -> ssl.SSLContext | bool:
         if not self.tls_cert:

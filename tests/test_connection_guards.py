@@ -15,7 +15,7 @@ import httpx
 from gateway.connection_limits import SUMMARY_SECONDS
 from gateway.http_protocol import MAX_HEAD_BYTES
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef, Gateway, SocketDouble, exchange
+from tests.support import EngineRef, SocketDouble, exchange
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -171,14 +171,12 @@ def test_connections_are_capped_per_client_and_in_all(make_gateway: GatewayFacto
     # The two that sent nothing have no audit record (no request); they are
     # counted into one summary line, SUMMARY_SECONDS after the first.
     deadline = time.monotonic() + SUMMARY_SECONDS + 5
-    while not (silent := _log_events(gw, "http.turned_away_silent")) and time.monotonic() < deadline:
+    while (
+        not (silent := [e for e in gw.log_events() if e["event"] == "http.turned_away_silent"])
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.5)
     assert [(e["count"], e["clients"]) for e in silent] == [(2, {"127.0.0.1": 2})]
-
-
-def _log_events(gw: Gateway, event: str) -> list[dict[str, object]]:
-    lines = (json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{"))
-    return [e for e in lines if e.get("event") == event]
 
 
 def test_a_refused_client_still_sending_gets_its_answer(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:

@@ -40,20 +40,16 @@ def test_engine_down_is_503_and_audited(make_gateway: GatewayFactory) -> None:
         assert ready.status_code == 503 and ready.json()["checks"]["engines"] == {"m": "unhealthy"}
     # The caller hears only that the engine is unavailable; the log says why, for the
     # call, and once for readyz however often it is asked, until the engine is back.
-    failed = [x for x in _log(gw) if x["event"] == "engine.transport_error"]
+    failed = [x for x in gw.log_events() if x["event"] == "engine.transport_error"]
     assert [x["request_id"] for x in failed] == [r.headers["x-request-id"]]
     assert failed[0]["reason"] == "cannot connect to the engine: Connection refused"
-    unhealthy = [x for x in _log(gw) if x["event"] == "engine.unhealthy"]
+    unhealthy = [x for x in gw.log_events() if x["event"] == "engine.unhealthy"]
     assert [(x["engine_url"], x["reason"]) for x in unhealthy] == [
         (engine_url, "cannot connect to the engine: Connection refused")
     ]
     with _healthy_engine_at(int(engine_url.rsplit(":", 1)[1])):
         assert httpx.get(gw.url + "/readyz").json()["checks"]["engines"] == {"m": "healthy"}
-    assert [x["engine_url"] for x in _log(gw) if x["event"] == "engine.healthy"] == [engine_url]
-
-
-def _log(gw: Gateway) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{")]
+    assert [x["engine_url"] for x in gw.log_events() if x["event"] == "engine.healthy"] == [engine_url]
 
 
 @contextmanager
