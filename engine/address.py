@@ -14,6 +14,8 @@ import os
 UNIX = "unix:"
 # sun_path holds 108 bytes with the terminating NUL (Linux).
 MAX_SOCKET_PATH = 107
+# What to do when a socket refuses the gateway: the engine's socket is open to its group only.
+NEEDS_GROUP = "the gateway's user must be in the socket's group"
 
 
 def socket_path(url: str) -> str | None:
@@ -53,6 +55,6 @@ def reach_problem(url: str) -> str | None:
         if not os.access(target, mode):
             return (
                 f"{user} may not {verb} {target} (owner {st.st_uid}, group {st.st_gid},"
-                f" mode {st.st_mode & 0o7777:o}); the gateway's user must be in the socket's group"
+                f" mode {st.st_mode & 0o7777:o}); {NEEDS_GROUP}"
             )
     return None

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from engine.address import socket_path
+from engine.address import NEEDS_GROUP, socket_path
 
 # A streamed answer's unread bytes past this stop reading from the engine until
 # the caller catches up (TCP then slows the engine down).
@@ -354,8 +354,7 @@ class EnginePool:
             if isinstance(exc, PermissionError) and origin.unix_path is not None:
                 # Only the socket's group may open it (docs/deploy.md).
                 raise ConnectFailed(
-                    f"cannot connect to the engine: permission denied on {origin.unix_path};"
-                    " the gateway's user must be in the socket's group"
+                    f"cannot connect to the engine: permission denied on {origin.unix_path}; {NEEDS_GROUP}"
                 ) from None
             raise ConnectFailed(f"cannot connect to the engine: {exc.strerror or exc}") from None
         return conn
