@@ -160,7 +160,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         elif self._turned_away is not None and not self._refused:
             assert self._limits is not None
             self._limits.turned_away_silent(self._peer, self.loop)
-            self._turned_away = None
         super().connection_lost(exc)
 
     @property
