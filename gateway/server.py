@@ -60,6 +60,8 @@ def uvicorn_config(settings: Settings, preverified: dict[str, Verification] | No
             limits=ConnectionLimits(g.max_connections, g.max_connections_per_client, Networks(g.trusted_proxies)),
         ),
         lifespan="on",
+        # uvicorn's default, 5 s, is also how long httpx keeps an idle connection (settings.py).
+        timeout_keep_alive=g.keepalive_timeout_seconds,
         # Our own structured line per call replaces the access log.
         access_log=False,
         log_config=None,

@@ -44,6 +44,11 @@ class GatewaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Seconds a client may leave the gateway's answer unread (its socket
     # full) before the connection is dropped (slow reader).
     send_timeout_seconds: float = 60.0
+    # Seconds a connection may sit idle between requests before the gateway
+    # closes it. Longer than any client keeps an idle connection for reuse
+    # (httpx and the openai SDK: 5 s; load balancers and nginx's upstream
+    # pools: 60 s): a request sent as the gateway closes is lost to a reset.
+    keepalive_timeout_seconds: float = 75.0
     # Open connections per gateway process, and per client address (a trusted
     # proxy's connections count only in the first); more are answered 503.
     max_connections: int = 4096
@@ -384,9 +389,11 @@ def _check(settings: Settings, path: Path) -> None:
     if settings.gateway.workers < 1:
         raise ConfigError(f"{path}: gateway.workers must be at least 1")
     g = settings.gateway
-    if min(g.header_timeout_seconds, g.body_timeout_seconds, g.send_timeout_seconds) <= 0:
+    timeouts = (g.header_timeout_seconds, g.body_timeout_seconds, g.send_timeout_seconds, g.keepalive_timeout_seconds)
+    if min(timeouts) <= 0:
         raise ConfigError(
-            f"{path}: gateway.header_timeout_seconds, body_timeout_seconds and send_timeout_seconds must be positive"
+            f"{path}: gateway.header_timeout_seconds, body_timeout_seconds, send_timeout_seconds"
+            " and keepalive_timeout_seconds must be positive"
         )
     if min(g.max_connections, g.max_connections_per_client) < 1:
         raise ConfigError(f"{path}: gateway.max_connections and max_connections_per_client must be at least 1")

@@ -67,6 +67,7 @@ def test_keys_create_list_revoke_with_json(tmp_path: Path) -> None:
         (["keys", "list"], "[gateway]\nport = 'eighty'\n"),  # wrong type
         (["keys", "list"], "[gateway]\nbogus = 1\n"),  # unknown field
         (["keys", "list"], "[gateway]\nbody_timeout_seconds = 0\n"),  # out of range
+        (["keys", "list"], "[gateway]\nkeepalive_timeout_seconds = -1\n"),
         (["keys", "list"], "[gateway]\nmax_connections_per_client = 0\n"),
         (["keys", "list"], '[[deployments]]\nname = "m"\nengine_url = "unix:engine.sock"\n'),  # not absolute
         (["keys", "list"], f'[[deployments]]\nname = "m"\nengine_url = "unix:/{"a" * 120}.sock"\n'),  # too long

@@ -11,6 +11,8 @@ import socket
 import time
 from typing import Any
 
+import openai._constants
+
 from gateway.http_protocol import MAX_HEAD_BYTES, CoalescingTransport
 from tests.conftest import GatewayFactory
 from tests.support import EngineRef, SocketDouble, exchange
@@ -144,3 +146,30 @@ def test_a_request_head_must_arrive_in_time(make_gateway: GatewayFactory, tripwi
             conn.sendall(request)
             assert conn.recv(65536).startswith(b"HTTP/1.1 200")
             time.sleep(1.5)  # longer than the head's timeout, shorter than keep-alive
+
+
+def test_an_idle_connection_outlasts_the_clients_reuse_window(
+    make_gateway: GatewayFactory, tripwire: SocketDouble
+) -> None:
+    """uvicorn closes a connection after 5 s idle, the very window for which
+    httpx (so the `openai` SDK) keeps one for reuse: a request sent as the
+    gateway closes is lost to a reset. The gateway keeps idle connections for
+    `keepalive_timeout_seconds` (75 by default), then closes them."""
+    request = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    reuse_window = openai._constants.DEFAULT_CONNECTION_LIMITS.keepalive_expiry
+    assert reuse_window is not None
+    gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")])
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as conn:
+        conn.sendall(request)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(reuse_window + 0.5)
+        conn.sendall(request)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")  # the same connection, still served
+
+    gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"keepalive_timeout_seconds": 1.0})
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as conn:
+        conn.sendall(request)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        assert conn.recv(100) == b""  # closed once idle for the configured time
+        assert 0.9 < time.monotonic() - t0 < 5
