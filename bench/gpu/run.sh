@@ -114,7 +114,11 @@ limit_mm_per_prompt = {image = 2}' ;;
 validate() {
     local key vkey
     key=$(field "$WORK"/llama-1b/client-key.json key)
-    "$PY" bench/gpu/validate.py --config "$WORK"/llama-1b/bastion.toml --key "$key" --json "$OUT"/gpu-load.json "$@"
+    echo "open files: $(ulimit -n)"
+    "$PY" bench/gpu/validate.py --config "$WORK"/llama-1b/bastion.toml --key "$key" --json "$OUT"/gpu-load.json "$@" || true
+    # What the gateway itself said of anything that went wrong under load.
+    grep -E '"level": ?"(warning|error)"' "$WORK"/llama-1b/up.log | tail -200 >"$OUT"/gateway-warnings.log || true
+    wc -l "$OUT"/gateway-warnings.log; tail -5 "$OUT"/gateway-warnings.log | cut -c1-400
     if [ -f "$WORK"/tiny-vision/client-key.json ]; then
         vkey=$(field "$WORK"/tiny-vision/client-key.json key)
         "$PY" bench/gpu/validate.py --config "$WORK"/tiny-vision/bastion.toml --key "$vkey" \

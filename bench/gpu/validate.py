@@ -149,9 +149,19 @@ def bench(args: argparse.Namespace, key: str, engine_url: str, engine_key: str) 
         per_round = max(1, requests // args.rounds)
         direct: list[Result] = []
         through: list[Result] = []
+        failed = ""
         for _ in range(args.rounds):
-            direct.append(asyncio.run(load(engine_url, engine_key, per_round, conc, body)))
-            through.append(asyncio.run(load(args.gateway, key, per_round, conc, body)))
+            try:
+                direct.append(asyncio.run(load(engine_url, engine_key, per_round, conc, body)))
+                through.append(asyncio.run(load(args.gateway, key, per_round, conc, body)))
+            except Exception as exc:  # recorded whole; then the next concurrency
+                failed = _chain(exc)
+                break
+        if failed:
+            side = "gateway" if len(direct) > len(through) else "direct"
+            print(f"{conc:>5} {side} failed after {len(through)} whole rounds: {failed}", flush=True)
+            rows.append({"concurrency": conc, "failed": side, "error": failed})
+            continue
         d, g = merge(direct), merge(through)
         row = {"concurrency": conc, "requests_per_side": len(d.latencies), "direct_p50_ms": d.pct(.5),
                "gateway_p50_ms": g.pct(.5), "direct_p99_ms": d.pct(.99), "gateway_p99_ms": g.pct(.99),
@@ -160,6 +170,16 @@ def bench(args: argparse.Namespace, key: str, engine_url: str, engine_key: str) 
         print(f"{conc:>5} {d.pct(.5):>9.1f}ms {g.pct(.5):>7.1f}ms {d.pct(.99):>9.1f}ms {g.pct(.99):>7.1f}ms "
               f"{d.rps:>11.1f} {g.rps:>9.1f} {g.rps / d.rps:>7.3f}", flush=True)  # fmt: skip
     return rows
+
+
+def _chain(exc: BaseException) -> str:
+    """An error with its causes (httpx wraps the socket's own error)."""
+    parts = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        parts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts)
 
 
 def main() -> None:
