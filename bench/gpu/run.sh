@@ -7,6 +7,8 @@
 #   bench/gpu/run.sh start llama [TP]         build the 1.3 B model, sign, `bastion up` (tensor parallel TP)
 #   bench/gpu/run.sh start vision             the tiny LLaVA behind a second gateway
 #   bench/gpu/run.sh validate                 bench/gpu/validate.py; results in $OUT
+#   bench/gpu/run.sh workers N                a second gateway of N workers on 8002 (Redis from .redis/)
+#   bench/gpu/run.sh spread [ARGS]            bench/gpu/spread_load.py: direct against the gateways, c=256
 #   bench/gpu/run.sh relay [ARGS]             bench/stream_relay.py against the llama engine
 #   bench/gpu/run.sh probe                    fsync latency of the disk the audit database is on
 #   bench/gpu/run.sh stop
@@ -126,6 +128,39 @@ validate() {
     fi
 }
 
+# workers N: a second gateway in front of the same engine, `bastion serve` with
+# N worker processes on port 8002 (same state, keys and database), its rate
+# limits in a Redis started from Debian's packages unpacked into .redis/
+# (the image has no Redis: `bench/gpu/fetch_redis.sh` here, then carry .redis).
+workers() {
+    local n=$1 dir=$WORK/llama-1b lib=$REPO/.redis/usr/lib/x86_64-linux-gnu
+    LD_LIBRARY_PATH=$lib setsid "$REPO"/.redis/usr/bin/redis-server --port 6399 --save '' --appendonly no \
+        >"$WORK"/redis.log 2>&1 < /dev/null &
+    echo $! >"$WORK"/redis.pid
+    sed -e 's/^port = 8000$/port = 8002\nworkers = '"$n"'/' \
+        -e 's|^backend = "memory"$|backend = "redis"\nredis_url = "redis://127.0.0.1:6399/0"|' \
+        "$dir"/bastion.toml >"$dir"/bastion-workers.toml
+    setsid "$PY" -m gateway.cli serve --config "$dir"/bastion-workers.toml >"$dir"/serve-workers.log 2>&1 < /dev/null &
+    echo $! >"$dir"/serve-workers.pid
+    local t=0
+    until curl -sf http://127.0.0.1:8002/readyz >/dev/null; do
+        sleep 1; t=$((t + 1))
+        [ $t -gt 120 ] && { tail -20 "$dir"/serve-workers.log "$WORK"/redis.log; return 1; }
+    done
+    echo "$n workers ready after ${t}s"
+}
+
+# spread [ARGS]: bench/gpu/spread_load.py, the engine directly against the
+# gateway of `start` (and the one of `workers`, when it runs).
+spread() {
+    local dir=$WORK/llama-1b key ekey
+    key=$(field "$dir"/client-key.json key)
+    ekey=$(cat "$dir"/state/secrets/engine-llama-1b.key)
+    local targets=(--target direct http://127.0.0.1:8100 "$ekey" --target bastion http://127.0.0.1:8000 "$key")
+    curl -sf http://127.0.0.1:8002/readyz >/dev/null && targets+=(--target bastion-workers http://127.0.0.1:8002 "$key")
+    "$PY" bench/gpu/spread_load.py "${targets[@]}" --json "$OUT"/spread.json "$@"
+}
+
 # Stream relay against the running llama engine: added time to first token, chunks/s.
 relay() {
     "$PY" bench/stream_relay.py --engine-url http://127.0.0.1:8100 --model llama-1b \
@@ -149,7 +184,7 @@ PY
 }
 
 stop() {
-    for pidfile in "$WORK"/*/up.pid; do
+    for pidfile in "$WORK"/*/up.pid "$WORK"/*/serve-workers.pid "$WORK"/redis.pid; do
         [ -f "$pidfile" ] && kill -- -"$(cat "$pidfile")" 2>/dev/null || true
     done
 }
