@@ -107,18 +107,27 @@ async def healthz() -> Response[bytes]:
 
 @get("/readyz")
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Ready: every model verified, every engine healthy, and the audit store takes a write."""
+    """Ready: every model verified, every engine healthy, the audit store takes a
+    write, and the rate-limit store answers (a gateway without it refuses every
+    call that has limits: a load balancer should send those calls elsewhere)."""
     svc = _svc(request)
     names = list(svc.upstreams)
     healthy = await asyncio.gather(*(svc.forwarder.health(svc.upstreams[n]) for n in names))
     engines = {n: ("healthy" if ok else "unhealthy") for n, ok in zip(names, healthy, strict=True)}
     models = {n: svc.integrity.state(n).public() for n in names}
-    audit_ok = await _audit_store_writable(svc)
-    checks = {"engines": engines, "models": models, "audit_store": "writable" if audit_ok else "unwritable"}
+    audit_ok, limits_ok = await asyncio.gather(_audit_store_writable(svc), svc.limiter.reachable())
+    checks = {
+        "engines": engines,
+        "models": models,
+        "audit_store": "writable" if audit_ok else "unwritable",
+        "rate_limit_store": "reachable" if limits_ok else "unreachable",
+    }
     problems = [f"engine {n} unhealthy" for n, ok in engines.items() if ok != "healthy"]
     problems += [f"model {n} {m['status']}" for n, m in models.items() if m["status"] in ("pending", "failed")]
     if not audit_ok:
         problems.append("audit store unwritable")
+    if not limits_ok:
+        problems.append("rate limit store unreachable")
     if not problems:
         return Response(msgspec.json.encode({"status": "ready", "checks": checks}), media_type="application/json")
     body = {

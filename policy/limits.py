@@ -63,6 +63,10 @@ class RateLimiter(Protocol):
         `tokens_used` (None: the call's usage is unknown, the reservation stands)."""
         ...
 
+    async def reachable(self) -> bool:
+        """Whether calls can be admitted now (the store answers): for readiness probes."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -120,6 +124,9 @@ class MemoryLimiter:
                 elif b.kind == "tokens" and tokens_used is not None and tokens_used != b.cost:
                     level = self._level(b, now)
                     self._levels[b.name] = (min(float(b.limit), level + b.cost - tokens_used), now)
+
+    async def reachable(self) -> bool:
+        return True
 
     async def close(self) -> None:
         return None

@@ -144,5 +144,11 @@ class RedisLimiter:
             # The slots expire on their own (LEASE_SECONDS); the tokens stay reserved.
             raise LimiterUnavailable(f"the rate-limit store is unavailable: {type(exc).__name__}") from exc
 
+    async def reachable(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
     async def close(self) -> None:
         await self._redis.aclose()

@@ -124,4 +124,5 @@ def test_readyz_reports_engine_and_audit_store(gw: Gateway) -> None:
     assert r.status_code == 200
     checks = r.json()["checks"]
     assert checks["engines"] == {"tiny": "healthy"} and checks["audit_store"] == "writable"
+    assert checks["rate_limit_store"] == "reachable"
     assert checks["models"]["tiny"]["status"] == "verified" and checks["models"]["tiny"]["problems"] == []

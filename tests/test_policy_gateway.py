@@ -352,6 +352,7 @@ def test_two_gateways_sharing_redis_hold_one_limit(
         (one if i % 2 else two).post("/v1/chat/completions", key=key, json=chat_body()).status_code for i in range(10)
     ]
     assert sorted(statuses) == [200] * 5 + [429] * 5, statuses
+    assert httpx.get(one.url + "/readyz").json()["checks"]["rate_limit_store"] == "reachable"
 
 
 def test_an_unreachable_redis_refuses_calls(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> None:
@@ -364,6 +365,10 @@ def test_an_unreachable_redis_refuses_calls(make_gateway: GatewayFactory, vllm_e
     final = gw.final(r.headers["x-request-id"])
     assert final["error_type"] == "rate_limiter_unavailable"
     assert [x["phase"] for x in gw.records(r.headers["x-request-id"])] == ["final"]
+    # Not ready, so that a load balancer sends calls to a gateway that can admit them.
+    ready = httpx.get(gw.url + "/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["rate_limit_store"] == "unreachable"
+    assert "rate limit store unreachable" in ready.json()["error"]["message"]
 
 
 ONLY_A = "version: 1\nteams:\n  a:\n    models: [tiny]\n"
