@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.gateway_overhead import load  # noqa: E402
+from bench.gateway_overhead import Result, load  # noqa: E402
 
 
 def _one(job: tuple[str, str, int, int, dict[str, Any]]) -> tuple[list[float], float]:
@@ -41,14 +41,14 @@ def one_round(url: str, key: str, args: argparse.Namespace, body: dict[str, Any]
     jobs = [(url, key, args.requests // args.procs, args.concurrency // args.procs, body)] * args.procs
     with multiprocessing.get_context("spawn").Pool(args.procs) as pool:
         results = pool.map(_one, jobs)
-    latencies = sorted(x for lat, _ in results for x in lat)
-    seconds = max(s for _, s in results)
+    # The processes ran side by side: the round took as long as the slowest.
+    merged = Result([x for lat, _ in results for x in lat], max(s for _, s in results))
     return {
-        "requests": len(latencies),
-        "seconds": seconds,
-        "rps": len(latencies) / seconds,
-        "p50_ms": statistics.median(latencies) * 1e3,
-        "p99_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1e3,
+        "requests": len(merged.latencies),
+        "seconds": merged.seconds,
+        "rps": merged.rps,
+        "p50_ms": merged.pct(0.5),
+        "p99_ms": merged.pct(0.99),
     }
 
 
