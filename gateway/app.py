@@ -20,7 +20,7 @@ from litestar.types import Method
 from sqlalchemy import insert, update
 
 from engine.manifest import Verification
-from gateway import auditor, calls
+from gateway import auditor, calls, connection_limits
 from gateway.errors import ErrorBody, ErrorEnvelope
 from gateway.services import Services
 from gateway.settings import Settings
@@ -212,6 +212,7 @@ def create_app(settings: Settings, preverified: dict[str, Verification] | None =
             yield
         finally:
             await app.state.services.close()
+            connection_limits.flush_all()
             log.info("gateway.stopped")
 
     handlers = [

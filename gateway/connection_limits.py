@@ -15,12 +15,15 @@ A connection over the caps that sends no request is closed unanswered and has
 no audit record (there is no request to record). Such connections are what a
 flood meant to exhaust the caps looks like, so they are counted and logged as
 one `http.turned_away_silent` line per SUMMARY_SECONDS, with the addresses that
-sent the most, rather than a line each.
+sent the most, rather than a line each. What is counted when the process
+stops (SIGTERM, a worker replaced) is logged by the app's shutdown
+(`flush_all`), not dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import structlog
@@ -37,6 +40,20 @@ TOP_CLIENTS = 5
 MAX_TRACKED_CLIENTS = 1024
 
 
+# Limits with a summary line still due. The timer dies with the loop, and
+# uvicorn ends the process by raising SIGTERM again after the app's shutdown
+# (no exit hook runs), so the app's shutdown calls `flush_all`: it cannot
+# reach the instance itself, which uvicorn builds into the HTTP protocol
+# factory apart from the app (gateway/server.py).
+_due: set[ConnectionLimits] = set()
+
+
+def flush_all() -> None:
+    """Log every summary line still due in this process (at shutdown)."""
+    for limits in list(_due):
+        limits.flush()
+
+
 class ConnectionLimits:
     """The open connections of one process, counted by peer address."""
 
@@ -46,6 +63,7 @@ class ConnectionLimits:
         self._count = 0
         self._silent: Counter[str | None] = Counter()
         self._silent_count = 0
+        self._silent_since = 0.0
 
     def open(self, peer: str | None) -> TooManyConnections | None:
         """Count a new connection from `peer`; the refusal it gets when it is one too many.
@@ -77,16 +95,22 @@ class ConnectionLimits:
     def turned_away_silent(self, peer: str | None, loop: asyncio.AbstractEventLoop) -> None:
         """A connection refused by `open` closed without sending a request."""
         if not self._silent_count:
-            loop.call_later(SUMMARY_SECONDS, self._log_silent)
+            self._silent_since = time.monotonic()
+            loop.call_later(SUMMARY_SECONDS, self.flush)
+            _due.add(self)
         self._silent_count += 1
         if peer in self._silent or len(self._silent) < MAX_TRACKED_CLIENTS:
             self._silent[peer] += 1
 
-    def _log_silent(self) -> None:
+    def flush(self) -> None:
+        """Log the silent turn-aways counted since the last summary line, if any."""
+        _due.discard(self)
+        if not self._silent_count:
+            return
         log.warning(
             "http.turned_away_silent",
             count=self._silent_count,
-            seconds=SUMMARY_SECONDS,
+            seconds=round(time.monotonic() - self._silent_since, 1),
             clients=dict(self._silent.most_common(TOP_CLIENTS)),
         )
         self._silent.clear()

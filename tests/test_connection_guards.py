@@ -179,6 +179,24 @@ def test_connections_are_capped_per_client_and_in_all(make_gateway: GatewayFacto
     assert [(e["count"], e["clients"]) for e in silent] == [(2, {"127.0.0.1": 2})]
 
 
+def test_silent_turn_aways_are_logged_when_the_gateway_stops(
+    make_gateway: GatewayFactory, tripwire: SocketDouble
+) -> None:
+    """A connection over the caps that sends nothing, then a shutdown long
+    before the summary line is due: the count is logged as the process exits."""
+    gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"max_connections_per_client": 1})
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as held:
+        assert _health(held).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as silent:
+            assert silent.recv(100) == b""  # closed unanswered
+    t0 = time.monotonic()
+    gw.stop()
+    assert time.monotonic() - t0 < SUMMARY_SECONDS / 2
+    lines = [e for e in gw.log_events() if e["event"] == "http.turned_away_silent"]
+    assert [(e["count"], e["clients"]) for e in lines] == [(1, {"127.0.0.1": 1})]
+    assert lines[0]["seconds"] < SUMMARY_SECONDS
+
+
 def test_a_refused_client_still_sending_gets_its_answer(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
     """A request refused before the app sees it (over the caps, a head too
     large) is answered and the rest of what the client sends is read and
