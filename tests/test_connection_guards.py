@@ -183,7 +183,7 @@ def test_silent_turn_aways_are_logged_when_the_gateway_stops(
     make_gateway: GatewayFactory, tripwire: SocketDouble
 ) -> None:
     """A connection over the caps that sends nothing, then a shutdown long
-    before the summary line is due: the count is logged as the process exits."""
+    before the summary line is due: the count is logged by the app's shutdown."""
     gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"max_connections_per_client": 1})
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as held:
         assert _health(held).startswith(b"HTTP/1.1 200")
