@@ -24,17 +24,28 @@ def _json(event: object, **_: object) -> bytes:
     return _encoder.encode(event)
 
 
+def _json_text(event: object, **_: object) -> str:
+    # logging.Formatter must return str; the same encoder, so a third-party
+    # line and one of ours render every value the same way.
+    return _encoder.encode(event).decode()
+
+
 _SHARED = [
     structlog.contextvars.merge_contextvars,
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
+# Both chains turn exc_info into an "exception" field holding the traceback
+# text; without it a third-party error (uvicorn's "Exception in ASGI
+# application", asyncio's "Task exception was never retrieved") would keep only
+# the repr of a traceback object.
+_EXCEPTIONS = structlog.processors.format_exc_info
 
 
 def configure(level: str = "info") -> None:
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
-        processors=[*_SHARED, structlog.processors.format_exc_info, structlog.processors.JSONRenderer(_json)],
+        processors=[*_SHARED, _EXCEPTIONS, structlog.processors.JSONRenderer(_json)],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.BytesLoggerFactory(sys.stderr.buffer),
         cache_logger_on_first_use=True,
@@ -44,7 +55,8 @@ def configure(level: str = "info") -> None:
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.JSONRenderer(),
+                _EXCEPTIONS,
+                structlog.processors.JSONRenderer(_json_text),
             ],
             foreign_pre_chain=[*_SHARED, structlog.stdlib.add_logger_name],
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -62,3 +64,25 @@ def test_logs_are_json_with_request_ids_and_no_secrets(make_gateway: GatewayFact
     assert calls[r.headers["x-request-id"]]["status"] == 504
     assert key not in text and key.split("_", 2)[2] not in text
     assert "SECRET-PROMPT" not in text and "Z" * 43 not in text
+
+
+def test_third_party_errors_are_logged_with_their_traceback() -> None:
+    # A library logging through stdlib `logging` (uvicorn, asyncio, alembic)
+    # gets the same JSON as our own lines, and an exception's traceback as
+    # text: an operator reading a 500's log line needs the frames.
+    script = (
+        "import logging\n"
+        "from gateway import logs\n"
+        "logs.configure('info')\n"
+        "try:\n"
+        "    {}['missing_engine']\n"
+        "except KeyError:\n"
+        "    logging.getLogger('uvicorn.error').exception('Exception in ASGI application')\n"
+        "logging.getLogger('alembic').info('%s then %s', 'a', b'b')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    error, info = (json.loads(line) for line in done.stderr.splitlines())
+    assert error["logger"] == "uvicorn.error" and error["level"] == "error"
+    assert error["exception"].startswith("Traceback (most recent call last):")
+    assert "KeyError: 'missing_engine'" in error["exception"] and "exc_info" not in error
+    assert info == {"event": "a then b'b'", "level": "info", "timestamp": info["timestamp"], "logger": "alembic"}
