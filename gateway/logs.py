@@ -64,3 +64,9 @@ def configure(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # httpx writes every request's full URL at INFO (httpcore its steps at
+    # DEBUG): an allow-listed image fetch would put a presigned URL's signature
+    # in the log, where the audit itself keeps the URL without its query.
+    # Their warnings and errors still come through.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))

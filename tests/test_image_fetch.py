@@ -140,7 +140,7 @@ def test_failed_fetches_are_refused_and_audited_before_the_engine(
         "/missing.png": "media_fetch_failed",
         "/big.png": "media_too_large",
         "/slow.png": "media_fetch_failed",
-        "/text.png": "media_type_mismatch",
+        "/text.png?sig=secret-token": "media_type_mismatch",
     }
     for path, reason in cases.items():
         started = time.monotonic()
@@ -152,6 +152,10 @@ def test_failed_fetches_are_refused_and_audited_before_the_engine(
     # The redirect was not followed: its target was never asked for.
     assert "/ok.png" not in [p for p, _ in image_host.requests]
     assert tripwire.calls == 0
+    # A presigned URL's query is a credential: the audit keeps the URL without
+    # it, and the log (httpx writes every request's URL at INFO) has no trace of it.
+    gw.stop()
+    assert "secret-token" not in gw.log_path.read_text()
 
 
 @pytest.mark.engine
