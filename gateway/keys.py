@@ -10,12 +10,14 @@ very next request, also when it was made by another process (the CLI).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import re
 import secrets
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,29 +86,49 @@ class NewKey:
 
 def load_or_create_pepper(path: Path) -> bytes:
     """The HMAC pepper: 32 random bytes in a 0600 file in the state folder."""
-    if path.exists():
-        data = path.read_bytes()
-        if len(data) < 32:
-            raise ValueError(f"{path} is too short to be a key pepper")
-        return data
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data = secrets.token_bytes(32)
-    write_secret_file(path, data)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Several workers booting on a fresh state folder all get here; the
+        # first to link its file wins and the others read that one, so every
+        # worker hashes keys with the same pepper.
+        with contextlib.suppress(FileExistsError):
+            write_secret_file(path, secrets.token_bytes(32))
+    data = path.read_bytes()
+    if len(data) < 32:
+        raise ValueError(f"{path} is too short to be a key pepper")
     return data
 
 
 def write_secret_file(path: Path, data: bytes) -> None:
-    """Create a file readable only by its owner, refusing to overwrite."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "wb") as f:
-        f.write(data)
+    """Create a file readable only by its owner, whole or not at all; FileExistsError if it exists.
+
+    The bytes are written and fsynced to a private temporary file beside
+    `path`, which is then hard-linked into place: link(2) refuses an existing
+    name, so of two processes creating one secret exactly one wins, and no
+    reader (nor a restart after a crash) ever finds the file empty or cut short.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the new name survives a power loss too
+    finally:
+        os.close(dir_fd)
 
 
 def ensure_token_file(path: Path) -> None:
     """A random token (engine keys, database passwords) in a 0600 file, made once."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_secret_file(path, secrets.token_urlsafe(32).encode())
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+            write_secret_file(path, secrets.token_urlsafe(32).encode())
 
 
 def hand_over(src: Path, dst: Path, uid: int) -> None:
