@@ -91,7 +91,7 @@ def vllm_engine(
         publisher=tiny_manifest[1],
     )
     # The reasoning parser splits <think>...</think> into `reasoning`; the random
-    # model never closes its thinking, so every chat answer is reasoning only.
+    # model seldom closes its thinking, and tests/test_reasoning.py forbids it to.
     spec = EngineSpec(max_model_len=512, dtype="bfloat16", reasoning_parser="deepseek_r1")
     yield from _serve(ref, engine_python, tiny_model, spec, tmp_path_factory)
 

@@ -4,13 +4,16 @@ from callers who did not ask for it or may not have it.
 
 The session engine runs vLLM's deepseek_r1 reasoning parser over the tiny
 model, whose chat template opens the answer with `<think>` when
-`enable_thinking` reaches it; the random model never closes its thinking, so
-every answer is reasoning only."""
+`enable_thinking` reaches it. Left alone, the random model closes its thinking
+(`</think>`) or ends its text at any token, about one answer in 200 over four
+tokens: the calls here forbid both (`steady`), so every answer is reasoning only
+and as long as `max_tokens`."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,6 +39,14 @@ teams:
 @pytest.fixture
 def gw(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> Gateway:
     return make_gateway(engines=[vllm_engine], policy=POLICY)
+
+
+@pytest.fixture
+def steady(vllm_engine: EngineRef) -> dict[str, Any]:
+    """vLLM sampling options that keep the model thinking for all of `max_tokens`."""
+    added = json.loads((Path(vllm_engine.model_dir) / "tokenizer.json").read_text())["added_tokens"]
+    think_end = next(t["id"] for t in added if t["content"] == "</think>")
+    return {"logit_bias": {str(think_end): -100}, "ignore_eos": True}
 
 
 def chat(gw: Gateway, key: str, **extra: Any) -> httpx.Response:
@@ -68,7 +79,7 @@ def chat_finals(gw: Gateway, count: int) -> list[dict[str, Any]]:
         time.sleep(0.05)
 
 
-def test_langchain_thinking_and_streaming_end_to_end(gw: Gateway) -> None:
+def test_langchain_thinking_and_streaming_end_to_end(gw: Gateway, steady: dict[str, Any]) -> None:
     key = gw.create_key(team="thinkers")
     llm = ChatOpenAI(
         model="tiny",
@@ -76,7 +87,7 @@ def test_langchain_thinking_and_streaming_end_to_end(gw: Gateway) -> None:
         api_key=key,
         max_tokens=4,
         max_retries=0,
-        extra_body={"enable_thinking": True, "return_reasoning": True},
+        extra_body={"enable_thinking": True, "return_reasoning": True, **steady},
         streaming=True,
     )
     chunks = list(llm.stream("Hello there"))
@@ -94,18 +105,18 @@ def test_langchain_thinking_and_streaming_end_to_end(gw: Gateway) -> None:
     assert thinking["prompt_tokens"] == plain["prompt_tokens"] + 2
 
 
-def test_reasoning_is_returned_only_when_asked_for_and_allowed(gw: Gateway) -> None:
+def test_reasoning_is_returned_only_when_asked_for_and_allowed(gw: Gateway, steady: dict[str, Any]) -> None:
     thinker, plain = gw.create_key(team="thinkers"), gw.create_key(team="plain")
 
-    asked = chat(gw, thinker, enable_thinking=True, return_reasoning=True).json()["choices"][0]["message"]
+    asked = chat(gw, thinker, enable_thinking=True, return_reasoning=True, **steady).json()["choices"][0]["message"]
     assert isinstance(asked["reasoning"], str) and asked["reasoning"]
-    not_asked = chat(gw, thinker, enable_thinking=True).json()["choices"][0]["message"]
+    not_asked = chat(gw, thinker, enable_thinking=True, **steady).json()["choices"][0]["message"]
     assert "reasoning" not in not_asked and "reasoning_content" not in not_asked
 
     # Streamed: the reasoning deltas go only to the caller who asked.
-    request_id, events = stream_events(gw, thinker, return_reasoning=True)
+    request_id, events = stream_events(gw, thinker, return_reasoning=True, **steady)
     assert any(e["choices"] and "reasoning" in e["choices"][0]["delta"] for e in events)
-    request_id, events = stream_events(gw, thinker)
+    request_id, events = stream_events(gw, thinker, **steady)
     assert events and not any(e["choices"] and "reasoning" in e["choices"][0]["delta"] for e in events)
     assert gw.final(request_id)["completion_tokens"] == 4, "tokens are audited whatever is kept from the client"
 
