@@ -30,6 +30,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from engine.secret_files import replace_file, write_secret_file
+
 FORMAT = "bastion-manifest/v1"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 BLOCK = 8 * 1024 * 1024
@@ -108,10 +110,10 @@ def create_signing_key(out: Path) -> str:
     )
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "wb") as f:
-        f.write(private)
-    Path(str(out) + ".pub").write_bytes(public)
+    # The private key is the commit point: whole or absent, never an empty file
+    # that a crash or a full disk left behind and a rerun would then keep.
+    write_secret_file(out, private)
+    replace_file(Path(str(out) + ".pub"), public, mode=0o644)
     return key_id_of(key.public_key())
 
 

@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from engine.secret_files import write_secret_file
 from gateway.errors import KeyStoreUnavailable, Unauthenticated
 from gateway.hotpath import AsyncHotPath, HotPath
 from gateway.tables import api_keys
@@ -97,30 +97,6 @@ def load_or_create_pepper(path: Path) -> bytes:
     if len(data) < 32:
         raise ValueError(f"{path} is too short to be a key pepper")
     return data
-
-
-def write_secret_file(path: Path, data: bytes) -> None:
-    """Create a file readable only by its owner, whole or not at all; FileExistsError if it exists.
-
-    The bytes are written and fsynced to a private temporary file beside
-    `path`, which is then hard-linked into place: link(2) refuses an existing
-    name, so of two processes creating one secret exactly one wins, and no
-    reader (nor a restart after a crash) ever finds the file empty or cut short.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
-    try:
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the new name survives a power loss too
-    finally:
-        os.close(dir_fd)
 
 
 def ensure_token_file(path: Path) -> None:

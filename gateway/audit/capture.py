@@ -18,7 +18,6 @@ database host; whoever holds it and the database can read captured prompts.
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +27,8 @@ from typing import Any, Literal
 import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from engine.secret_files import locked, replace_file
 
 Mode = Literal["none", "hash", "encrypted"]
 Part = Literal["request", "response"]
@@ -71,19 +72,21 @@ def load_keyring(path: Path) -> Keyring:
 
 def rotate_keyring(path: Path) -> str:
     """Add a new key and make it active (creating the keyring if needed); return its id."""
-    ring = load_keyring(path) if path.exists() else Keyring(active="", keys={})
-    key_id = "k" + datetime.now(UTC).strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
-    keys = {**ring.keys, key_id: RingKey(base64.b64encode(secrets.token_bytes(32)).decode(), datetime.now(UTC))}
-    data = msgspec.json.encode(Keyring(active=key_id, keys=keys))
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # Read, add, write under a lock: of two rotations at once, neither may drop
+    # the other's key, which may already seal payloads in a reloaded gateway.
+    with locked(path):
+        ring = load_keyring(path) if path.exists() else Keyring(active="", keys={})
+        key_id = _new_key_id()
+        while key_id in ring.keys:  # two rotations in one second may draw one suffix; never reuse an id
+            key_id = _new_key_id()
+        key = RingKey(base64.b64encode(secrets.token_bytes(32)).decode(), datetime.now(UTC))
+        replace_file(path, msgspec.json.encode(Keyring(active=key_id, keys={**ring.keys, key_id: key})), mode=0o600)
     return key_id
+
+
+def _new_key_id() -> str:
+    return "k" + datetime.now(UTC).strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
 
 
 def _aad(request_id: str, part: str) -> bytes:

@@ -1,0 +1,71 @@
+"""Files that hold a secret (keys, peppers, tokens): created whole, once, owner-only.
+
+Here rather than in the gateway because the engine side's manifest signing
+keys need the same guarantees, and the engine package never imports the gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Create a file readable only by its owner, whole or not at all; FileExistsError if it exists.
+
+    The bytes are written and fsynced to a private temporary file beside
+    `path`, which is then hard-linked into place: link(2) refuses an existing
+    name, so of two processes creating one secret exactly one wins, and no
+    reader (nor a restart after a crash or a full disk) ever finds the file
+    empty or cut short.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    fsync_folder(path.parent)
+
+
+def replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` whole with `mode`: a reader sees the old bytes or the new, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600 until chmod
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a new name in `folder` survive a power loss."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for changing `path` (a `.lock` file beside it, kept afterwards)."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, also when the process dies
+        yield
+    finally:
+        os.close(fd)
