@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import multiprocessing
+import resource
 import secrets
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from engine import manifest
 from gateway import migrate
-from gateway.audit.anchor import AnchorFile
+from gateway.audit.anchor import AnchorError, AnchorFile
 from gateway.audit.chain import Checkpoint, Signer
 from gateway.audit.prune import prune
 from gateway.audit.record import AuditRecord, hash_row
@@ -275,6 +278,51 @@ def test_a_lost_anchor_file_fails_verification(trail: Trail, tmp_path: Path) -> 
     report = trail.verify(AnchorFile(tmp_path / "nowhere.jsonl"))
     assert not report.intact
     assert [p.kind for p in report.trail_problems] == [Kind.ANCHOR_MISSING]
+
+
+def _append_on_a_filling_disk(path: str, queue: Any) -> None:
+    # A soft RLIMIT_FSIZE makes write(2) stop at 150 bytes, in the middle of
+    # the first line, and refuse the next write (EFBIG), as a disk filling up
+    # would; raising the limit again is the operator freeing space.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    anchor = AnchorFile(Path(path))
+    signed_at = datetime.now(UTC)
+    points = [
+        Checkpoint(
+            stream_id="s",
+            seq=seq,
+            record_hash="ab" * 32,
+            signed_at=signed_at,
+            closed=False,
+            key_id="k",
+            signature="c2ln",
+        )
+        for seq in (10, 20, 30, 40)
+    ]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (150, resource.RLIM_INFINITY))
+    try:
+        anchor.append(points[:3])
+        refused = ""
+    except AnchorError as exc:
+        refused = str(exc)
+    behind = anchor.behind
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    anchor.append(points[3:])
+    checkpoints, _, bad = anchor.read()
+    queue.put((refused, behind, [c.seq for c in checkpoints], bad))
+
+
+def test_an_append_cut_short_is_refused_and_completed_on_the_next(tmp_path: Path) -> None:
+    # Counting a short write as done would answer calls whose checkpoints never
+    # reached the anchor, and the next line would be glued to the torn one.
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_append_on_a_filling_disk, args=(str(tmp_path / "anchor.jsonl"), queue))
+    child.start()
+    refused, behind, seqs, bad = queue.get(timeout=30)
+    child.join(timeout=30)
+    assert "File too large" in refused and behind
+    assert (seqs, bad) == ([10, 20, 30, 40], [])
 
 
 def test_pruning_whole_segments_keeps_the_trail_verifiable(trail: Trail) -> None:

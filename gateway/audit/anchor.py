@@ -4,8 +4,9 @@ Someone who can rewrite the audit tables can also delete checkpoint rows; the
 anchor keeps a second copy elsewhere (point `audit.anchor_file` at storage the
 database's administrators cannot rewrite: another host's mount, a WORM bucket
 synced from it, a file with `chattr +a`). Each line is written with O_APPEND
-and fsynced before the calls in its batch are answered. Lines are short, so
-appends from several processes do not interleave.
+and fsynced before the calls in its batch are answered; a write cut short
+(a disk filling up) fails the batch, and the next append writes the rest first.
+Lines are short, so appends from several processes do not interleave.
 """
 
 from __future__ import annotations
@@ -38,28 +39,38 @@ class AnchorError(Exception):
 class AnchorFile:
     def __init__(self, path: Path):
         self.path = path
-        # Lines whose append failed; retried before anything else is written.
-        self._unwritten: list[bytes] = []
+        # Bytes whose append failed; retried before anything else is written.
+        # After a short write this starts mid-line, and the retry completes it.
+        self._unwritten = b""
 
     def append(self, items: Iterable[Checkpoint | Prune]) -> None:
-        """Append and fsync; on failure keep the lines for the next call and raise."""
-        self._unwritten += [
+        """Append and fsync; on failure keep what was not written for the next call and raise."""
+        self._unwritten += b"".join(
             msgspec.json.encode(AnchorLine(checkpoint=i) if isinstance(i, Checkpoint) else PruneLine(prune=i)) + b"\n"
             for i in items
-        ]
+        )
         if not self._unwritten:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, b"".join(self._unwritten))
-                os.fsync(fd)
+                # write(2) may write less than asked (a disk filling up): what it
+                # wrote is in the file, so only the rest is kept for the retry.
+                attempt = self._unwritten
+                while self._unwritten:
+                    self._unwritten = self._unwritten[os.write(fd, self._unwritten) :]
+                try:
+                    os.fsync(fd)
+                except OSError:
+                    # Whether the written bytes reached the disk is unknown: write
+                    # them again (a checkpoint line twice in the anchor is harmless).
+                    self._unwritten = attempt
+                    raise
             finally:
                 os.close(fd)
         except OSError as exc:
             raise AnchorError(f"cannot append to the audit anchor {self.path}: {exc.strerror}") from exc
-        self._unwritten.clear()
 
     @property
     def behind(self) -> bool:
