@@ -80,7 +80,7 @@ async def _csv(rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     writer = csv.DictWriter(out, fieldnames=query.EVENT_FIELDS)
     writer.writeheader()
     async for row in rows:
-        writer.writerow(row)
+        writer.writerow(query.csv_cells(row))
         if out.tell() > 64 * 1024:
             yield out.getvalue().encode()
             out.seek(0)

@@ -20,7 +20,6 @@ from typing import Any
 
 import click
 import msgspec
-from rich.console import Console
 from rich.table import Table
 
 from engine import manifest
@@ -36,11 +35,13 @@ from gateway.clikit import (
     UsageProblem,
     byte_progress,
     config_option,
+    console,
     echo_json,
     ensure_engine_key,
     err_console,
     folder_bytes,
     settings_from,
+    shown,
     verify_before_start,
 )
 from gateway.keys import ROLES, KeyStore, load_or_create_pepper
@@ -297,11 +298,11 @@ def keys_list(config_path: Path, as_json: bool) -> None:
     table = Table("key id", "name", "role", "team", "created", "expires", "revoked")
     for k in infos:
         table.add_row(
-            k.key_id, k.name, k.role, k.team, f"{k.created_at:%Y-%m-%d %H:%M}",
+            k.key_id, shown(k.name), k.role, shown(k.team), f"{k.created_at:%Y-%m-%d %H:%M}",
             f"{k.expires_at:%Y-%m-%d %H:%M}" if k.expires_at else "-",
             f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "-",
         )  # fmt: skip
-    Console().print(table)
+    console.print(table)
 
 
 @keys.command("revoke")

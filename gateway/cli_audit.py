@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import click
 import msgspec
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from engine.manifest import key_id_of, load_public_key
 from gateway.audit import query
@@ -26,7 +26,7 @@ from gateway.audit.capture import rotate_keyring
 from gateway.audit.prune import prune
 from gateway.audit.verify import Report, verify_database
 from gateway.cli_record import record_action
-from gateway.clikit import UsageProblem, config_option, echo_json, err_console, settings_from
+from gateway.clikit import UsageProblem, config_option, console, echo_json, err_console, settings_from, shown
 from gateway.db import run_with_engine
 from gateway.services import load_signer
 from gateway.settings import ConfigError, Settings
@@ -119,18 +119,19 @@ def _print_report(report: Report) -> None:
     for s in report.streams:
         p = s.first_problem
         seqs = f"{s.first_seq}..{s.last_seq}" if s.first_seq is not None else "-"
-        problem = f"[red]{p.kind} at {p.seq}[/red]: {p.detail}" if p else "[green]intact[/green]"
-        table.add_row(s.stream_id, str(s.records), seqs, str(s.checkpoints), "yes" if s.closed else "no",
+        problem = (
+            Text.assemble((f"{p.kind} at {p.seq}", "red"), f": {shown(p.detail)}") if p else Text("intact", "green")
+        )
+        table.add_row(shown(s.stream_id), str(s.records), seqs, str(s.checkpoints), "yes" if s.closed else "no",
                       str(s.unanchored), problem)  # fmt: skip
-    console = Console()
     console.print(table)
     for p in report.trail_problems:
-        console.print(f"[red]{p.kind}[/red]: {p.detail}")
+        console.print(Text.assemble((p.kind, "red"), f": {shown(p.detail)}"))
     if report.incomplete_calls:
         console.print(f"{len(report.incomplete_calls)} incomplete call(s) (intent without outcome; not tampering)")
     rate = f"{report.records / report.seconds:,.0f} records/s" if report.seconds else ""
-    verdict = "[green]intact[/green]" if report.intact else "[red]NOT intact[/red]"
-    console.print(f"{report.records} records in {report.seconds:.2f}s ({rate}): {verdict}")
+    verdict = Text("intact", "green") if report.intact else Text("NOT intact", "red")
+    console.print(Text.assemble(f"{report.records} records in {report.seconds:.2f}s ({rate}): ", verdict))
 
 
 @audit.command("query")
@@ -154,8 +155,8 @@ def query_cmd(
         tokens = f"{e['prompt_tokens']}/{e['completion_tokens']}" if e["prompt_tokens"] is not None else "-"
         cells = [e["started_at"], e["request_id"], e["phase"], e["key_id"], e["team"], e["model"], e["route"]]
         cells += [str(e["http_status"] or ""), e["outcome"], tokens]
-        table.add_row(*(c or "-" for c in cells))
-    Console().print(table)
+        table.add_row(*(shown(c or "-") for c in cells))
+    console.print(table)
     if page.next_cursor:
         err_console.print(f"more: --cursor {page.next_cursor}")
 
@@ -181,7 +182,7 @@ def export_cmd(config_path: Path, event_filter: query.EventFilter, fmt: str, out
                 writer.writeheader()
             async for row in query.export(engine, event_filter):
                 if writer:
-                    writer.writerow(row)
+                    writer.writerow(query.csv_cells(row))
                 else:
                     sink.write(msgspec.json.encode(row).decode() + "\n")
                 count += 1
@@ -209,9 +210,9 @@ def stats_cmd(config_path: Path, event_filter: query.EventFilter, bucket: str, a
         return
     table = Table("bucket", "model", "team", "outcome", "calls", "prompt tokens", "completion tokens")
     for r in rows:
-        table.add_row(r["bucket"], r["model"] or "-", r["team"] or "-", r["outcome"] or "-", str(r["calls"]),
-                      str(r["prompt_tokens"]), str(r["completion_tokens"]))  # fmt: skip
-    Console().print(table)
+        cells = [r["bucket"], r["model"] or "-", r["team"] or "-", r["outcome"] or "-", r["calls"]]
+        table.add_row(*map(shown, [*cells, r["prompt_tokens"], r["completion_tokens"]]))
+    console.print(table)
 
 
 @audit.command("prune")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,20 @@ from gateway.keys import ensure_token_file
 from gateway.settings import ConfigError, Deployment, Settings, load_settings, resolve_config_path
 
 F = TypeVar("F", bound=Callable[..., Any])
-err_console = Console(stderr=True)
+# Markup off: these print what callers, identity providers and database rows
+# chose (model names, routes, teams, file names), and rich would read a "[/]"
+# in one as a tag and stop the command, or restyle the evidence it shows.
+# Colour is given as a style (`rich.text.Text`), never as markup.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
+# rich passes these through, and ESC starts terminal sequences (clear the
+# screen, retitle the window, hide text, plant a link) an auditor would obey.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(value: object) -> str:
+    """A value as terminal text: control characters become visible escapes (`\\x1b`)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
 
 
 class CheckFailed(click.ClickException):
@@ -107,7 +121,7 @@ def verify_before_start(
         else:
             err_console.print(f"model {d.name}: FAILED verification")
             for problem in result.problems:
-                err_console.print(f"  {problem}")
+                err_console.print(f"  {shown(problem)}")
     if results and not any(r.ok for r in results.values()) and all(d.verify for d in chosen):
         raise CheckFailed("no model passed verification; nothing to serve")
     return results

