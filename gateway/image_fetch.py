@@ -17,6 +17,10 @@ What a fetch may do, and why:
 - The body is read in chunks and cut off past `max_bytes`, whatever
   Content-Length claims; the whole fetch, connect to last byte, is bounded by
   `timeout_seconds`.
+- Only unencoded bodies (`Accept-Encoding: identity`, and a body sent with a
+  Content-Encoding anyway is refused): decoding gzip, brotli or zstd here would
+  let a few kilobytes on the wire become megabytes in memory per chunk, before
+  the byte limit could see them.
 - The bytes must sniff as PNG, JPEG, WebP or GIF; the response's
   Content-Type is not trusted.
 """
@@ -52,7 +56,7 @@ class ImageFetcher:
             verify=verify,
             timeout=httpx.Timeout(settings.timeout_seconds),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=8),
-            headers={"user-agent": "bastion-image-fetch"},
+            headers={"user-agent": "bastion-image-fetch", "accept-encoding": "identity"},
         )
 
     def allows(self, url: str) -> bool:
@@ -85,8 +89,16 @@ class ImageFetcher:
                             "media_fetch_failed",
                             param,
                         )
+                    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+                    if encoding != "identity":
+                        raise _refuse(
+                            f"Fetching the image failed: the server sent it {encoding}-encoded; "
+                            "the gateway accepts only unencoded images.",
+                            "media_fetch_failed",
+                            param,
+                        )
                     data = bytearray()
-                    async for chunk in response.aiter_bytes():
+                    async for chunk in response.aiter_raw():
                         data += chunk
                         if len(data) > limit:
                             raise _refuse(

@@ -9,6 +9,7 @@ forward a data: URL so that the engine never fetches anything.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ PNG = io.BytesIO()
 Image.new("RGB", (16, 16), (10, 200, 30)).save(PNG, "PNG")
 PNG_BYTES = PNG.getvalue()
 MAX_BYTES = 50_000
+BOMB = gzip.compress(PNG_BYTES[:8] + bytes(25_000_000), compresslevel=9)
 
 
 class ImageHost:
@@ -63,6 +65,13 @@ class ImageHost:
                     self.end_headers()
                     with contextlib.suppress(OSError):
                         self.wfile.write(PNG_BYTES[:8] + b"\0" * (MAX_BYTES * 4))
+                elif path == "/bomb.png":  # 25 MB of zeros after a PNG header, gzipped to about 25 kB
+                    self.send_response(200)
+                    self.send_header("content-type", "image/png")
+                    self.send_header("content-encoding", "gzip")
+                    self.send_header("content-length", str(len(BOMB)))
+                    self.end_headers()
+                    self.wfile.write(BOMB)
                 elif path == "/slow.png":
                     time.sleep(3)
                     self._send(200, PNG_BYTES, "image/png")
@@ -141,6 +150,8 @@ def test_failed_fetches_are_refused_and_audited_before_the_engine(
         "/big.png": "media_too_large",
         "/slow.png": "media_fetch_failed",
         "/text.png?sig=secret-token": "media_type_mismatch",
+        # Decoded, this would have been 25 MB in memory before the byte limit saw it.
+        "/bomb.png": "media_fetch_failed",
     }
     for path, reason in cases.items():
         started = time.monotonic()
