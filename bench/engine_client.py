@@ -42,7 +42,7 @@ async def measure(call: Callable[[], Awaitable[bytes]], calls: int) -> tuple[flo
 
 async def run(url: str, calls: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
     upstream = Upstream(url, "none")
-    forwarder = Forwarder(connect_timeout=5, read_timeout=60, pool_size=16, keepalive=4)
+    forwarder = Forwarder(connect_timeout=5, read_timeout=60, pool_size=16, keepalive=4, max_answer_bytes=1 << 28)
     # aiohttp as the forwarder had it configured.
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=16, keepalive_timeout=4),

@@ -57,6 +57,10 @@ class BadResponse(TransportError):
     """The engine's bytes are not an HTTP/1.1 response."""
 
 
+class TooLarge(TransportError):
+    """The answer (or one event of a stream) is over what the gateway holds in memory for one call."""
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where one engine listens, and the start of every request sent to it."""
@@ -239,10 +243,15 @@ class Response:
         self._origin = origin
         self._done = False
 
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, limit: int) -> bytes:
+        """The whole body; TooLarge (and the connection dropped) past `limit` bytes."""
         parts: list[bytes] = []
+        size = 0
         async for chunk in self.chunks():
+            size += len(chunk)
+            if size > limit:
+                self.close()
+                raise TooLarge(f"the engine's answer is over {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
 

@@ -22,11 +22,13 @@ from gateway.engine_http import (
     Origin,
     ReadTimeout,
     Response,
+    TooLarge,
     TransportError,
 )
 from gateway.errors import EngineError, EngineTimeout, EngineUnavailable, GatewayError
 
 log = structlog.get_logger("bastion.engine")
+_HEALTH_MAX_BYTES = 64 * 1024  # vLLM's /health answers with an empty body
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -95,38 +97,54 @@ def _translate(exc: TransportError) -> GatewayError:
         return EngineTimeout("The model engine did not answer in time.", audit_reason="engine_read_timeout")
     if isinstance(exc, BadResponse):
         return EngineError("The model engine's answer was not HTTP.", audit_reason="engine_bad_response")
+    if isinstance(exc, TooLarge):
+        return EngineError("The model engine's answer was too large.", audit_reason="engine_answer_too_large")
     return EngineError("The model engine's answer was broken off.", audit_reason="engine_broken_off")
 
 
 class EngineStream:
     """An engine answer whose body is still arriving."""
 
-    def __init__(self, response: Response):
+    def __init__(self, response: Response, max_bytes: int):
         self._response = response
+        self._max_bytes = max_bytes
         self.status = response.status
 
     async def read(self) -> bytes:
         try:
-            return await self._response.read()
+            return await self._response.read(self._max_bytes)
         except TransportError as exc:
             raise _translate(exc) from None
 
     async def events(self) -> AsyncIterator[bytes]:
         """Yield each server-sent event (with its blank-line terminator) as it completes.
 
-        Raises typed gateway errors when the engine breaks off mid-stream.
+        Raises typed gateway errors when the engine breaks off mid-stream, or
+        sends an event over the size limit (a stream may be long; one event is
+        what the gateway holds at a time).
         """
         buffer = b""
         try:
             async for chunk in self._response.chunks():
+                # Look for the end of an event only in what is new (and the byte
+                # before it): scanning the whole buffer each time is quadratic.
+                start = max(0, len(buffer) - 1)
                 buffer += chunk
-                while (end := buffer.find(b"\n\n")) >= 0:
+                while (end := buffer.find(b"\n\n", start)) >= 0:
+                    self._check_event(end + 2)
                     yield buffer[: end + 2]
                     buffer = buffer[end + 2 :]
+                    start = 0
+                self._check_event(len(buffer))  # an event still arriving
         except TransportError as exc:
             raise _translate(exc) from None
         if buffer.strip():
             yield buffer
+
+    def _check_event(self, size: int) -> None:
+        if size > self._max_bytes:
+            self._response.close()
+            raise TooLarge(f"an event of the engine's stream is over {self._max_bytes} bytes")
 
     def close(self) -> None:
         """Let the engine connection go; dropped if the answer is not complete,
@@ -137,10 +155,14 @@ class EngineStream:
 class Forwarder:
     """Every call to the engines, over one pool of keep-alive connections (gateway/engine_http.py)."""
 
-    def __init__(self, *, connect_timeout: float, read_timeout: float, pool_size: int, keepalive: float):
+    def __init__(
+        self, *, connect_timeout: float, read_timeout: float, pool_size: int, keepalive: float, max_answer_bytes: int
+    ):
         self._pool = EnginePool(
             connect_timeout=connect_timeout, read_timeout=read_timeout, size=pool_size, keepalive=keepalive
         )
+        # An engine is untrusted input too: what one call may make the gateway hold.
+        self._max_answer_bytes = max_answer_bytes
         # Why each engine last failed its health check: logged when that changes,
         # not at every probe of /readyz while an engine stays down.
         self._unhealthy: dict[str, str] = {}
@@ -152,7 +174,7 @@ class Forwarder:
         """Send a non-streamed call and read the whole answer."""
         try:
             response = await self._pool.request(upstream.origin, "POST", path, body)
-            return response.status, await response.read()
+            return response.status, await response.read(self._max_answer_bytes)
         except TransportError as exc:
             raise _translate(exc) from None
 
@@ -162,14 +184,14 @@ class Forwarder:
             response = await self._pool.request(upstream.origin, "POST", path, body)
         except TransportError as exc:
             raise _translate(exc) from None
-        return EngineStream(response)
+        return EngineStream(response, self._max_answer_bytes)
 
     async def health(self, upstream: Upstream, timeout: float = 2.0) -> bool:
         reason = ""
         try:
             async with asyncio.timeout(timeout):
                 response = await self._pool.request(upstream.origin, "GET", "/health")
-                await response.read()
+                await response.read(_HEALTH_MAX_BYTES)
             if response.status != 200:
                 reason = f"/health answered {response.status}"
         except TransportError as exc:

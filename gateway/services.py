@@ -88,6 +88,7 @@ class Services:
                 read_timeout=g.engine_read_timeout,
                 pool_size=g.engine_pool_size,
                 keepalive=g.engine_keepalive_seconds,
+                max_answer_bytes=g.engine_max_answer_bytes,
             ),
             upstreams=upstreams,
             integrity=integrity,

@@ -56,6 +56,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Seconds to wait for the engine: to connect, and between bytes of its answer.
     engine_connect_timeout: float = 5.0
     engine_read_timeout: float = 300.0
+    # The most of one engine answer the gateway holds: a whole non-streamed
+    # answer, or one event of a stream; larger is a 502 (or an error event).
+    engine_max_answer_bytes: int = 256 * 1024 * 1024
     engine_pool_size: int = 256
     # How long an idle pooled connection to an engine is kept. Keep it below the
     # engine's own keep-alive (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default).
@@ -397,6 +400,8 @@ def _check(settings: Settings, path: Path) -> None:
         )
     if min(g.max_connections, g.max_connections_per_client) < 1:
         raise ConfigError(f"{path}: gateway.max_connections and max_connections_per_client must be at least 1")
+    if min(g.engine_pool_size, g.engine_max_answer_bytes) < 1:
+        raise ConfigError(f"{path}: gateway.engine_pool_size and engine_max_answer_bytes must be at least 1")
     _check_networks(f"{path}: gateway.trusted_proxies", settings.gateway.trusted_proxies)
     if settings.gateway.workers > 1 and settings.policy.rate_limits.backend != "redis":
         # In-memory limits would be per process: N workers would allow N times the limit.

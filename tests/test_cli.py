@@ -69,6 +69,7 @@ def test_keys_create_list_revoke_with_json(tmp_path: Path) -> None:
         (["keys", "list"], "[gateway]\nbody_timeout_seconds = 0\n"),  # out of range
         (["keys", "list"], "[gateway]\nkeepalive_timeout_seconds = -1\n"),
         (["keys", "list"], "[gateway]\nmax_connections_per_client = 0\n"),
+        (["keys", "list"], "[gateway]\nengine_max_answer_bytes = 0\n"),
         (["keys", "list"], '[[deployments]]\nname = "m"\nengine_url = "unix:engine.sock"\n'),  # not absolute
         (["keys", "list"], f'[[deployments]]\nname = "m"\nengine_url = "unix:/{"a" * 120}.sock"\n'),  # too long
         (["keys", "list"], '[[deployments]]\nname = "m"\nengine_url = "ftp://127.0.0.1:21"\n'),

@@ -76,6 +76,9 @@ class Engine:
         self.server.close()
 
 
+LIMIT = 1 << 20  # the most of one answer a test reads
+
+
 def pool(*, read_timeout: float = 5.0, size: int = 8, keepalive: float = 4.0) -> EnginePool:
     return EnginePool(connect_timeout=2.0, read_timeout=read_timeout, size=size, keepalive=keepalive)
 
@@ -104,7 +107,7 @@ def test_keep_alive_reuses_one_connection_and_sends_head_and_body(tmp_path: Path
         p = pool()
         for i in range(5):
             r = await p.request(o, "POST", "/v1/chat/completions", b'{"n":%d}' % i)
-            assert (r.status, await r.read()) == (200, b'{"n":%d}' % i)
+            assert (r.status, await r.read(LIMIT)) == (200, b'{"n":%d}' % i)
         assert engine.connections == 1
         head = engine.requests[0].decode()
         assert head.startswith("POST /v1/chat/completions HTTP/1.1\r\n")
@@ -132,7 +135,7 @@ def test_a_chunked_answer_arrives_in_pieces_and_whole() -> None:
         r = await p.request(o, "POST", "/x", b"{}")
         assert b"".join([c async for c in r.chunks()]) == b"".join(events)
         r = await p.request(o, "POST", "/x", b"{}")  # the connection went back to the pool
-        assert await r.read() == b"".join(events) and engine.connections == 1
+        assert await r.read(LIMIT) == b"".join(events) and engine.connections == 1
         await p.close()
         await engine.stop()
 
@@ -153,10 +156,10 @@ def test_connection_close_and_closed_idle_connections_are_not_reused() -> None:
         engine = Engine(closing)
         o = origin(await engine.start())
         p = pool()
-        assert await (await p.request(o, "POST", "/x", b"a")).read() == b"a"
-        assert await (await p.request(o, "POST", "/x", b"b")).read() == b"b"
+        assert await (await p.request(o, "POST", "/x", b"a")).read(LIMIT) == b"a"
+        assert await (await p.request(o, "POST", "/x", b"b")).read(LIMIT) == b"b"
         await asyncio.sleep(0.1)
-        assert await (await p.request(o, "POST", "/x", b"c")).read() == b"c"  # not a broken connection
+        assert await (await p.request(o, "POST", "/x", b"c")).read(LIMIT) == b"c"  # not a broken connection
         assert engine.connections == 3
         await p.close()
         await engine.stop()
@@ -169,9 +172,9 @@ def test_idle_connections_past_the_keep_alive_are_not_used() -> None:
         engine = Engine(echo)
         o = origin(await engine.start())
         p = pool(keepalive=0.2)
-        await (await p.request(o, "POST", "/x", b"a")).read()
+        await (await p.request(o, "POST", "/x", b"a")).read(LIMIT)
         await asyncio.sleep(0.3)
-        await (await p.request(o, "POST", "/x", b"b")).read()
+        await (await p.request(o, "POST", "/x", b"b")).read(LIMIT)
         assert engine.connections == 2
         await asyncio.sleep(0.05)
         assert engine.open == 1, "the expired connection was closed"
@@ -192,7 +195,7 @@ def test_the_pool_holds_at_most_its_size_of_connections() -> None:
         p = pool(size=3)
 
         async def one(i: int) -> bytes:
-            return await (await p.request(o, "POST", "/x", b"%d" % i)).read()
+            return await (await p.request(o, "POST", "/x", b"%d" % i)).read(LIMIT)
 
         answers = await asyncio.gather(*(one(i) for i in range(12)))
         assert answers == [b"%d" % i for i in range(12)]
@@ -223,13 +226,13 @@ def test_faults_are_typed_errors() -> None:
             o = origin(await engine.start())
             with pytest.raises(error):
                 r = await p.request(o, "POST", "/x", b"{}")
-                await r.read()
+                await r.read(LIMIT)
             await engine.stop()
         # Every failure gave its slot back: a pool of 8 still has room for 8.
         engine = Engine(echo)
         o = origin(await engine.start())
         responses = [await p.request(o, "POST", "/x", b"z") for _ in range(8)]
-        assert [await r.read() for r in responses] == [b"z"] * 8
+        assert [await r.read(LIMIT) for r in responses] == [b"z"] * 8
         await p.close()
         await engine.stop()
 
@@ -291,7 +294,7 @@ def test_https_to_the_engine_verifies_its_certificate(tmp_path: Path, monkeypatc
         o = origin(await engine.start(server_tls), "https")
         p = pool()
         try:
-            return await (await p.request(o, "POST", "/x", b"secret")).read()
+            return await (await p.request(o, "POST", "/x", b"secret")).read(LIMIT)
         finally:
             await p.close()
             await engine.stop()

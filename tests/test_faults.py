@@ -118,6 +118,33 @@ def test_engine_breaking_off_mid_stream_gives_an_error_event_and_audit(make_gate
         broken.close()
 
 
+def test_an_engine_answer_over_the_size_limit_is_502_and_audited(make_gateway: GatewayFactory) -> None:
+    # A runaway engine streams 16 KB events without end. Read whole (a
+    # non-streamed call), the answer grew in the gateway's memory until the
+    # read time-out, which never came since bytes kept arriving.
+    flood = SocketDouble("flood")
+    try:
+        limits = {"engine_max_answer_bytes": 8192}
+        gw = make_gateway(engines=[EngineRef("m", flood.url, "k")], gateway=limits)
+        key = gw.create_key()
+        r = gw.post("/v1/chat/completions", json=CHAT, key=key)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "engine_error", r.text
+        final = gw.final(r.headers["x-request-id"])
+        assert (final["outcome"], final["error_type"]) == ("error", "engine_answer_too_large")
+        # Streamed, each event is held whole before it is relayed: one over the limit ends the stream.
+        with httpx.stream(
+            "POST", gw.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+            headers={"authorization": f"Bearer {key}"}, timeout=10,
+        ) as r:  # fmt: skip
+            events = [e for e in r.read().split(b"\n\n") if e]
+            request_id = r.headers["x-request-id"]
+        assert len(events) == 1 and b'"code":"engine_error"' in events[0]
+        final = gw.final(request_id)
+        assert (final["outcome"], final["error_type"]) == ("error", "engine_answer_too_large")
+    finally:
+        flood.close()
+
+
 # ----------------------------------------------------------- audit store faults
 
 
