@@ -23,12 +23,8 @@ def write_secret_file(path: Path, data: bytes) -> None:
     reader (nor a restart after a crash or a full disk) ever finds the file
     empty or cut short.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    tmp = _synced_temporary(path, data)
     try:
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.link(tmp, path)
     finally:
         os.unlink(tmp)
@@ -37,18 +33,28 @@ def write_secret_file(path: Path, data: bytes) -> None:
 
 def replace_file(path: Path, data: bytes, mode: int) -> None:
     """Write `path` whole with `mode`: a reader sees the old bytes or the new, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600 until chmod
+    tmp = _synced_temporary(path, data)
     try:
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     fsync_folder(path.parent)
+
+
+def _synced_temporary(path: Path, data: bytes) -> str:
+    """`data` in a new 0600 file beside `path`, on disk; removed again if writing fails."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
 
 
 def fsync_folder(folder: Path) -> None:
