@@ -54,9 +54,21 @@ class AudioURLPart(msgspec.Struct, frozen=True, tag="audio_url", tag_field="type
 Part = TextPart | ImagePart | AudioPart | AudioURLPart
 
 
+# Fields that reach the engine's chat template as text the gateway does not
+# read: held as raw JSON (no Python objects built), only to say they are there.
+# A key with content rules is refused a call carrying any (policy/decide.py).
+_NO_RAW = msgspec.Raw()
+
+
 class Message(msgspec.Struct, frozen=True):
     role: str
     content: str | list[Part] | None = None
+    name: msgspec.Raw = _NO_RAW
+    tool_calls: msgspec.Raw = _NO_RAW
+    tool_call_id: msgspec.Raw = _NO_RAW
+    function_call: msgspec.Raw = _NO_RAW
+    reasoning_content: msgspec.Raw = _NO_RAW
+    reasoning: msgspec.Raw = _NO_RAW
 
 
 class ChatBody(msgspec.Struct, frozen=True):
@@ -71,6 +83,10 @@ class ChatBody(msgspec.Struct, frozen=True):
     chat_template_kwargs: dict[str, Any] | None = None
     # Bastion's own: send the model's reasoning back (default: keep it from the client).
     return_reasoning: bool | None = None
+    tools: msgspec.Raw = _NO_RAW
+    functions: msgspec.Raw = _NO_RAW
+    documents: msgspec.Raw = _NO_RAW
+    chat_template: msgspec.Raw = _NO_RAW
 
 
 class CompletionBody(msgspec.Struct, frozen=True):
@@ -80,6 +96,8 @@ class CompletionBody(msgspec.Struct, frozen=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
+    # vLLM's prompt as embeddings (with --enable-prompt-embeds): unreadable like token ids.
+    prompt_embeds: msgspec.Raw = _NO_RAW
 
 
 class RequestSummary(msgspec.Struct, frozen=True):
@@ -102,6 +120,9 @@ class RequestSummary(msgspec.Struct, frozen=True):
     # The body has top-level `enable_thinking`/`return_reasoning`, which vLLM does
     # not read: they are moved (or dropped) on the way to the engine.
     thinking_fields: bool = False
+    # Where text reaches the prompt that `texts` does not hold (tools, tool
+    # calls, template arguments), as JSON paths.
+    unread: tuple[str, ...] = ()
 
     def prompt(self, media: tuple[MediaPart, ...] = ()) -> Prompt:
         """What policy reads of this request, with its media parts as checked."""
@@ -112,6 +133,7 @@ class RequestSummary(msgspec.Struct, frozen=True):
             reasoning=self.reasoning,
             texts=self.texts,
             token_ids=self.token_ids,
+            unread=self.unread,
             media=media,
         )
 
@@ -151,11 +173,13 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         reasoning = parsed.enable_thinking is True or kwargs.get("enable_thinking") is True
         return_reasoning = parsed.return_reasoning is True
         thinking_fields = parsed.enable_thinking is not None or parsed.return_reasoning is not None
+        unread = _unread_fields(parsed)
     else:
         prompts = [parsed.prompt] if isinstance(parsed.prompt, str) else parsed.prompt
         texts = tuple(p for p in prompts if isinstance(p, str))
         token_ids, media, reasoning = len(texts) != len(prompts), (), False
         return_reasoning = thinking_fields = False
+        unread = ("prompt_embeds",) if _carries(parsed.prompt_embeds) else ()
     return RequestSummary(
         kind=kind,
         model=parsed.model,
@@ -169,7 +193,25 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         reasoning=reasoning,
         return_reasoning=return_reasoning,
         thinking_fields=thinking_fields,
+        unread=unread,
     )
+
+
+def _carries(raw: msgspec.Raw) -> bool:
+    return bytes(raw) not in (b"", b"null", b"[]", b"{}", b'""')
+
+
+_MESSAGE_UNREAD = ("name", "tool_calls", "tool_call_id", "function_call", "reasoning_content", "reasoning")
+
+
+def _unread_fields(body: ChatBody) -> tuple[str, ...]:
+    """JSON paths of the fields with text for the prompt that the gateway does not read."""
+    unread = [name for name in ("tools", "functions", "documents", "chat_template") if _carries(getattr(body, name))]
+    # Any template argument but the thinking switch may be rendered into the prompt.
+    unread += [f"chat_template_kwargs.{k}" for k in body.chat_template_kwargs or {} if k != "enable_thinking"]
+    for i, m in enumerate(body.messages):
+        unread += [f"messages[{i}].{name}" for name in _MESSAGE_UNREAD if _carries(getattr(m, name))]
+    return tuple(unread)
 
 
 def _chat_inputs(messages: list[Message]) -> tuple[tuple[str, ...], tuple[tuple[str, Part], ...]]:

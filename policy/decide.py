@@ -65,6 +65,9 @@ class Prompt(msgspec.Struct, frozen=True):
     texts: tuple[str, ...] = ()
     # The prompt is token ids, which content rules cannot read.
     token_ids: bool = False
+    # JSON paths of other fields whose text reaches the prompt unread by content
+    # rules (tools, tool calls, chat template arguments).
+    unread: tuple[str, ...] = ()
     media: tuple[MediaPart, ...] = ()
 
 
@@ -166,6 +169,13 @@ def decide(policy: Policy, caller: Caller, prompt: Prompt) -> Decision:
                 Denial.CONTENT,
                 "Prompts given as token ids cannot be checked by this key's content rules; send text.",
                 "prompt",
+            )
+        if prompt.unread:
+            return _deny(
+                rules.content[0].rule,
+                Denial.CONTENT,
+                f"This key's content rules cannot check '{prompt.unread[0]}': they read only message content.",
+                prompt.unread[0],
             )
         outcome = _check_content(rules, prompt.texts)
         if isinstance(outcome, Decision):

@@ -248,6 +248,40 @@ def test_content_rules_deny_redact_and_flag_without_keeping_the_text(
     assert r.json()["usage"]["prompt_tokens"] == engine_tokens(redacted)
 
 
+def test_content_rules_refuse_text_they_cannot_read(rules_gw: tuple[Gateway, dict[str, str]]) -> None:
+    # Tool definitions, tool calls and chat template arguments reach the chat
+    # template as text, but are not message content: a card number there went
+    # past the card rule to the engine.
+    gw, keys = rules_gw
+    card = "4111 1111 1111 1111"
+    tool = {"type": "function", "function": {"name": "pay", "description": f"pay with {card}", "parameters": {}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "pay", "arguments": json.dumps({"card": card})}}
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    cases = {
+        "tools": chat_body("hi", tools=[tool]),
+        "chat_template_kwargs.note": chat_body("hi", chat_template_kwargs={"note": card}),
+        "messages[1].tool_calls": {"model": "tiny", "messages": turns, "max_tokens": 1},
+        "messages[0].name": chat_body("hi") | {"messages": [{"role": "user", "content": "hi", "name": card}]},
+    }
+    for param, body in cases.items():
+        r = gw.post("/v1/chat/completions", key=keys["open"], json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation", r.text
+        assert r.json()["error"]["param"] == param
+        d = decision(gw, r)
+        assert d["rule"] == "teams.open.content[0]" and d["_final"]["error_type"] == "content_denied"
+        assert card not in json.dumps(d, default=str)
+    body = {"model": "tiny", "prompt": "hi", "prompt_embeds": "AAAA", "max_tokens": 1}
+    r = gw.post("/v1/completions", key=keys["open"], json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_embeds", r.text
+    # The thinking switch is the gateway's to read; a team without content rules may send the rest.
+    r = gw.post(
+        "/v1/chat/completions", key=keys["open"], json=chat_body(chat_template_kwargs={"enable_thinking": False})
+    )
+    assert r.status_code == 200, r.text
+    r = gw.post("/v1/chat/completions", key=keys["textonly"], json=chat_body(chat_template_kwargs={"note": card}))
+    assert r.status_code == 200, r.text
+
+
 LIMITS = """\
 version: 1
 teams:

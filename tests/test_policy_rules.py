@@ -202,6 +202,7 @@ def test_each_rule_allows_and_denies() -> None:
         (RISK, Prompt("tiny", media=(MediaPart("image", None),)), "teams.risk.images.max_bytes"),
         (RISK, Prompt("tiny", texts=("pay 4111 1111 1111 1111",)), "teams.risk.content[1]"),
         (RISK, Prompt("tiny", token_ids=True), "teams.risk.content[0]"),
+        (RISK, Prompt("tiny", unread=("tools",)), "teams.risk.content[0]"),
         (RISK, Prompt("tiny", reasoning=True), "teams.risk.reasoning"),
         (Caller("k", "ops"), Prompt("x", stream=True), "teams.ops.stream"),
         (Caller("k", "ops"), Prompt("x", media=(MediaPart("audio", 10, 2.0),)), "teams.ops.audio.max_seconds"),
