@@ -28,6 +28,7 @@ from gateway.errors import (
     AuditUnavailable,
     BadRequest,
     ContentDenied,
+    EngineError,
     Forbidden,
     GatewayError,
     LimiterDown,
@@ -432,7 +433,10 @@ def _captured(svc: Services, call: Call, request: bytes, response: bytes) -> lis
 async def _finish(svc: Services, call: Call, status: int, body: bytes, answer: bytes) -> Response[bytes]:
     """Audit a complete (non-streamed) engine answer, then hand it over."""
     if status == 200 and call.strip_reasoning:
-        answer = without_reasoning(answer)
+        try:
+            answer = without_reasoning(answer)
+        except ValueError as exc:
+            raise _bad_answer(exc) from None
     fields: dict[str, Any] = {"response_sha256": call.digest(answer)}
     if status == 200:
         usage = usage_of(answer)
@@ -465,6 +469,12 @@ _chunk_decoder = msgspec.json.Decoder(_StreamChunk)
 
 # vLLM's last event of a stream. It is held back until the call's final record is committed.
 _DONE = b"data: [DONE]"
+
+
+def _bad_answer(exc: Exception) -> EngineError:
+    """An engine answer the gateway must read (usage, reasoning) that is not what vLLM sends."""
+    log.warning("engine.bad_answer", reason=str(exc))
+    return EngineError("The model engine's answer was malformed.", audit_reason="engine_bad_answer")
 
 
 def _error_event(err: GatewayError) -> bytes:
@@ -522,13 +532,16 @@ async def _relay(
                 if event.startswith(_DONE):
                     closing = event
                     continue
-                if b'"usage":{' in event and event.startswith(b"data: "):
-                    chunk = _chunk_decoder.decode(event[6:])
-                    usage = chunk.usage or usage
-                    if strip_usage and not chunk.choices:
-                        continue  # the usage chunk the gateway asked for, not the client
-                if call.strip_reasoning:
-                    event = event_without_reasoning(event)
+                try:
+                    if b'"usage":{' in event and event.startswith(b"data: "):
+                        chunk = _chunk_decoder.decode(event[6:])
+                        usage = chunk.usage or usage
+                        if strip_usage and not chunk.choices:
+                            continue  # the usage chunk the gateway asked for, not the client
+                    if call.strip_reasoning:
+                        event = event_without_reasoning(event)
+                except (ValueError, RecursionError) as exc:  # msgspec's DecodeError is a ValueError
+                    raise _bad_answer(exc) from None
                 yield sent(event)
             outcome = "ok"
         except GatewayError as err:

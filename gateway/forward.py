@@ -57,7 +57,7 @@ def usage_of(body: bytes) -> Usage | None:
     """The `usage` object of an engine answer (or of one stream event), if any."""
     try:
         return _usage_decoder.decode(body).usage
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
 
 
@@ -65,7 +65,7 @@ def error_of(body: bytes) -> tuple[str, str]:
     """(type, message) of an OpenAI-shaped error body, best effort."""
     try:
         err = _error_decoder.decode(body).error
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         err = None
     if err is None:
         return "engine_error", ""

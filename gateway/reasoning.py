@@ -19,11 +19,22 @@ _FIELDS = ("reasoning", "reasoning_content")
 
 
 def without_reasoning(body: bytes) -> bytes:
-    """A chat completion (or one stream chunk's JSON) with its reasoning fields removed."""
+    """A chat completion (or one stream chunk's JSON) with its reasoning fields removed.
+
+    ValueError if it is not JSON of that shape (the engine is untrusted input too).
+    """
     if _HAS_REASONING.search(body) is None:
         return body
-    data: Any = msgspec.json.decode(body)
-    for choice in data.get("choices") or ():
+    try:
+        data: Any = msgspec.json.decode(body)
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list):
+        raise ValueError("not a chat completion: no list of choices")
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise ValueError("not a chat completion: a choice is not an object")
         for part in ("message", "delta"):
             holder = choice.get(part)
             if isinstance(holder, dict):

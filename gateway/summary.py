@@ -156,6 +156,8 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         raise BadRequest(f"Invalid request: {exc}", param=param or None, audit_reason="invalid_body") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}", audit_reason="malformed_json") from None
+    except RecursionError:
+        raise BadRequest("The request body nests JSON too deeply.", audit_reason="malformed_json") from None
     if not parsed.model:
         raise BadRequest("'model' must not be empty.", param="model", audit_reason="invalid_body")
     if isinstance(parsed, ChatBody) and not parsed.messages:

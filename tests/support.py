@@ -372,6 +372,9 @@ class SocketDouble:
     end the stream with `data: [DONE]` as vLLM does.
     mode "flood": answer 200 and stream 16 KB events without end (a runaway
     engine), until the gateway drops the connection.
+    mode "garbled": answer 200 with what vLLM never sends: a stream's usage
+    event cut off mid-JSON, or (not streamed) a body with reasoning whose
+    `choices` is not a list.
     It records request lines, so a test can prove no call reached the engine.
     """
 
@@ -418,6 +421,22 @@ class SocketDouble:
                 conn.settimeout(60)
                 while not self._stop.is_set():
                     conn.sendall(event)
+            elif self.mode == "garbled":
+                if b'"stream": true' in head or b'"stream":true' in head:
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                        b"connection: close\r\n\r\n"
+                        + _chunk(b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":\n\n')
+                        + _chunk(b"data: [DONE]\n\n")
+                        + _chunk(b"")
+                    )
+                else:
+                    body = b'{"id":"x","choices":"none","reasoning_content":"thought"}'
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+                conn.close()
             elif self.mode in ("break", "gated"):
                 event = (
                     b'data: {"id":"x","object":"chat.completion.chunk",'

@@ -49,6 +49,8 @@ def _check(gw: Gateway, r: httpx.Response, status: int, reason: str, param: str 
             "max_tokens",
         ),
         (b'\xff\xfe{"model"', "malformed_json", None),
+        # Deeper than the parser's recursion limit: was a 500 "internal error".
+        (b'{"model": "m", "messages": [], "x": ' + b"[" * 1500 + b"]" * 1500 + b"}", "malformed_json", None),
     ],
 )
 def test_bad_chat_bodies(

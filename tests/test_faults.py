@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.forward import error_of, usage_of
 from tests.conftest import GatewayFactory
 from tests.support import EngineRef, Gateway, SocketDouble, TcpProxy, free_port
 
@@ -143,6 +144,37 @@ def test_an_engine_answer_over_the_size_limit_is_502_and_audited(make_gateway: G
         assert (final["outcome"], final["error_type"]) == ("error", "engine_answer_too_large")
     finally:
         flood.close()
+
+
+def test_a_malformed_engine_answer_is_502_and_audited_as_the_engine_s(make_gateway: GatewayFactory) -> None:
+    # The gateway reads a stream's usage event and strips reasoning from
+    # answers. An event or body that does not decode was a 500 "internal error"
+    # (not streamed), or broke the stream off with no error event and a
+    # `client_closed` record that blamed the client.
+    garbled = SocketDouble("garbled")
+    try:
+        gw = make_gateway(engines=[EngineRef("m", garbled.url, "k")])
+        key = gw.create_key()
+        r = gw.post("/v1/chat/completions", json=CHAT, key=key)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "engine_error", r.text
+        final = gw.final(r.headers["x-request-id"])
+        assert (final["outcome"], final["error_type"]) == ("error", "engine_bad_answer")
+        with httpx.stream(
+            "POST", gw.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+            headers={"authorization": f"Bearer {key}"}, timeout=10,
+        ) as r:  # fmt: skip
+            events = [e for e in r.read().split(b"\n\n") if e]
+            request_id = r.headers["x-request-id"]
+        assert len(events) == 1 and b'"code":"engine_error"' in events[0], events
+        final = gw.final(request_id)
+        assert (final["outcome"], final["error_type"]) == ("error", "engine_bad_answer")
+    finally:
+        garbled.close()
+
+
+def test_engine_json_nested_past_the_parser_s_limit_is_read_as_no_usage() -> None:
+    deep = b'{"x": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+    assert usage_of(deep) is None and error_of(deep) == ("engine_error", "")
 
 
 # ----------------------------------------------------------- audit store faults

@@ -212,6 +212,10 @@ def test_every_bad_token_gets_401_and_an_audit_row(
         final = refused(gw, r, 401, reason)
         assert r.json()["error"]["code"] == "invalid_token"
         assert final["auth_method"] is None and token not in json.dumps(final, default=str)
+    # A header nested past the JSON parser's recursion limit (PyJWT turns the RecursionError into its DecodeError).
+    deep = b'{"alg":"RS256","kid":"rsa1","x":' + b"[" * 1500 + b"]" * 1500 + b"}"
+    nested = ".".join(base64.urlsafe_b64encode(part).rstrip(b"=").decode() for part in (deep, b"{}", b"sig"))
+    refused(gw, models(gw, nested), 401, "malformed_token")
     # HS256 keyed with the issuer's public key (the classic algorithm confusion).
     confused = jwt.api_jws.PyJWS()
     confused._algorithms["HS256"].prepare_key = lambda key: key  # type: ignore[attr-defined]  # let PyJWT sign with a PEM
