@@ -114,7 +114,8 @@ def check_image(url: str, limits: MediaLimits, param: str) -> MediaPart:
             "media_too_many_pixels",
             param,
         ) from None
-    except (OSError, SyntaxError, ValueError):
+    except Exception:  # noqa: BLE001 - Pillow's decoders raise many types for a bad file (fuzzing found
+        # IndexError and struct.error besides OSError and ValueError); all mean "unreadable", not a 500
         raise _refuse("The image could not be decoded (corrupt or truncated).", "media_corrupt", param) from None
     return MediaPart(
         "image", size=len(data), mime=declared, sha256=hashlib.sha256(data).hexdigest(), pixels=width * height * frames

@@ -71,6 +71,25 @@ def test_bad_images(reason: str) -> None:
     assert caught.value.audit_reason == reason and caught.value.param == "messages[0].content[1]"
 
 
+def two_frame_gif() -> bytes:
+    out = io.BytesIO()
+    frames = [Image.new("RGB", (8, 8), (1, 2, 3)), Image.new("RGB", (8, 8), (9, 9, 9))]
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("offset", "was", "value"), [(70, 129, 142), (101, 59, 44)])
+def test_a_malformed_gif_is_corrupt_whatever_pillow_raises(offset: int, was: int, value: int) -> None:
+    # Found by mutating images: with one byte changed, Pillow raised IndexError
+    # (the first) and struct.error (the second), which the gateway answered 500.
+    data = bytearray(two_frame_gif())
+    assert data[offset] == was, "Pillow now writes this GIF differently: find the byte again"
+    data[offset] = value
+    with pytest.raises(BadRequest) as caught:
+        check_image(data_url("image/gif", bytes(data)), LIMITS, "p")
+    assert caught.value.audit_reason == "media_corrupt"
+
+
 def test_a_pixel_ceiling_below_pillows_own() -> None:
     small = MediaLimits(max_image_pixels=1000, max_audio_seconds=600)
     with pytest.raises(BadRequest, match="64x64 pixels, over the limit of 1000"):
