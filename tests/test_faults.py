@@ -99,18 +99,20 @@ def test_engine_closing_without_an_answer_is_502_and_audited(make_gateway: Gatew
         closer.close()
 
 
+def stream(gw: Gateway, key: str) -> tuple[list[bytes], str]:
+    """A streamed call's events and request id."""
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+        headers={"authorization": f"Bearer {key}"}, timeout=10,
+    ) as r:  # fmt: skip
+        return [e for e in r.read().split(b"\n\n") if e], r.headers["x-request-id"]
+
+
 def test_engine_breaking_off_mid_stream_gives_an_error_event_and_audit(make_gateway: GatewayFactory) -> None:
     broken = SocketDouble("break")
     try:
         gw = make_gateway(engines=[EngineRef("m", broken.url, "k")])
-        key = gw.create_key()
-        with httpx.stream(
-            "POST", gw.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-            headers={"authorization": f"Bearer {key}"}, timeout=10,
-        ) as r:  # fmt: skip
-            body = r.read()
-            request_id = r.headers["x-request-id"]
-        events = [e for e in body.split(b"\n\n") if e]
+        events, request_id = stream(gw, gw.create_key())
         assert events[0].startswith(b'data: {"id":"x"')
         assert b'"code":"engine_error"' in events[-1]
         final = gw.final(request_id)
@@ -119,57 +121,37 @@ def test_engine_breaking_off_mid_stream_gives_an_error_event_and_audit(make_gate
         broken.close()
 
 
-def test_an_engine_answer_over_the_size_limit_is_502_and_audited(make_gateway: GatewayFactory) -> None:
-    # A runaway engine streams 16 KB events without end. Read whole (a
-    # non-streamed call), the answer grew in the gateway's memory until the
-    # read time-out, which never came since bytes kept arriving.
-    flood = SocketDouble("flood")
+@pytest.mark.parametrize(
+    ("mode", "limits", "reason"),
+    [
+        # A runaway engine streams 16 KB events without end. Read whole (not
+        # streamed), the answer grew in the gateway's memory until the read
+        # time-out, which never came since bytes kept arriving.
+        ("flood", {"engine_max_answer_bytes": 8192}, "engine_answer_too_large"),
+        # A usage event or a body with reasoning that does not decode (the
+        # gateway reads both) was a 500 "internal error" (not streamed), or
+        # broke the stream off with a `client_closed` record blaming the client.
+        ("garbled", {}, "engine_bad_answer"),
+    ],
+)
+def test_an_engine_answer_the_gateway_cannot_take_is_502_or_an_error_event(
+    make_gateway: GatewayFactory, mode: str, limits: dict[str, int], reason: str
+) -> None:
+    engine = SocketDouble(mode)
     try:
-        limits = {"engine_max_answer_bytes": 8192}
-        gw = make_gateway(engines=[EngineRef("m", flood.url, "k")], gateway=limits)
+        gw = make_gateway(engines=[EngineRef("m", engine.url, "k")], gateway=limits)
         key = gw.create_key()
         r = gw.post("/v1/chat/completions", json=CHAT, key=key)
         assert r.status_code == 502 and r.json()["error"]["code"] == "engine_error", r.text
         final = gw.final(r.headers["x-request-id"])
-        assert (final["outcome"], final["error_type"]) == ("error", "engine_answer_too_large")
-        # Streamed, each event is held whole before it is relayed: one over the limit ends the stream.
-        with httpx.stream(
-            "POST", gw.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-            headers={"authorization": f"Bearer {key}"}, timeout=10,
-        ) as r:  # fmt: skip
-            events = [e for e in r.read().split(b"\n\n") if e]
-            request_id = r.headers["x-request-id"]
-        assert len(events) == 1 and b'"code":"engine_error"' in events[0]
-        final = gw.final(request_id)
-        assert (final["outcome"], final["error_type"]) == ("error", "engine_answer_too_large")
-    finally:
-        flood.close()
-
-
-def test_a_malformed_engine_answer_is_502_and_audited_as_the_engine_s(make_gateway: GatewayFactory) -> None:
-    # The gateway reads a stream's usage event and strips reasoning from
-    # answers. An event or body that does not decode was a 500 "internal error"
-    # (not streamed), or broke the stream off with no error event and a
-    # `client_closed` record that blamed the client.
-    garbled = SocketDouble("garbled")
-    try:
-        gw = make_gateway(engines=[EngineRef("m", garbled.url, "k")])
-        key = gw.create_key()
-        r = gw.post("/v1/chat/completions", json=CHAT, key=key)
-        assert r.status_code == 502 and r.json()["error"]["code"] == "engine_error", r.text
-        final = gw.final(r.headers["x-request-id"])
-        assert (final["outcome"], final["error_type"]) == ("error", "engine_bad_answer")
-        with httpx.stream(
-            "POST", gw.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-            headers={"authorization": f"Bearer {key}"}, timeout=10,
-        ) as r:  # fmt: skip
-            events = [e for e in r.read().split(b"\n\n") if e]
-            request_id = r.headers["x-request-id"]
+        assert (final["outcome"], final["error_type"]) == ("error", reason)
+        # Streamed, the stream ends with the error as its only event.
+        events, request_id = stream(gw, key)
         assert len(events) == 1 and b'"code":"engine_error"' in events[0], events
         final = gw.final(request_id)
-        assert (final["outcome"], final["error_type"]) == ("error", "engine_bad_answer")
+        assert (final["outcome"], final["error_type"]) == ("error", reason)
     finally:
-        garbled.close()
+        engine.close()
 
 
 def test_engine_json_nested_past_the_parser_s_limit_is_read_as_no_usage() -> None:
