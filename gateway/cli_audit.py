@@ -8,11 +8,12 @@ API, each command is itself audited before it shows anything
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import click
 import msgspec
@@ -165,7 +166,9 @@ def query_cmd(
 @config_option
 @filter_options
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="File to write (default: stdout).")
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False), default=None, help="File to write, 0600 if new (default: stdout)."
+)
 def export_cmd(config_path: Path, event_filter: query.EventFilter, fmt: str, out: str | None) -> None:
     """Every matching record, oldest first, as JSON lines or CSV."""
     import csv
@@ -175,7 +178,11 @@ def export_cmd(config_path: Path, event_filter: query.EventFilter, fmt: str, out
 
     async def go(engine: Any) -> int:
         count = 0
-        sink = open(out, "w", newline="") if out else sys.stdout  # noqa: SIM115 - closed below
+        sink: TextIO = sys.stdout
+        if out:
+            # A new export file is the owner's alone (0600): it names keys, teams and client addresses.
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            sink = open(fd, "w", newline="")  # noqa: SIM115 - closed below
         try:
             writer = csv.DictWriter(sink, fieldnames=query.EVENT_FIELDS) if fmt == "csv" else None
             if writer:

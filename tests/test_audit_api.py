@@ -123,6 +123,7 @@ def test_a_csv_export_never_hands_a_spreadsheet_a_formula(gw: Gateway) -> None:
     assert (row["request_id"], row["model"]) == (request_id, "'" + planted)
     out = gw.config.parent / "export.csv"
     gw.bastion("audit", "export", "--format", "csv", "--request-id", request_id, "--phase", "final", "-o", str(out))
+    assert out.stat().st_mode & 0o777 == 0o600, "an export names keys, teams and client addresses"
     (row,) = csv.DictReader(io.StringIO(out.read_text()))
     assert (row["request_id"], row["model"], row["latency_ms"]) == (request_id, "'" + planted, str(exact["latency_ms"]))
 
