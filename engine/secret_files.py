@@ -10,7 +10,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -29,6 +29,18 @@ def write_secret_file(path: Path, data: bytes) -> None:
     finally:
         os.unlink(tmp)
     fsync_folder(path.parent)
+
+
+def ensure_secret_file(path: Path, make: Callable[[], bytes]) -> None:
+    """Create `path` with `make()`'s bytes unless it exists (its folder 0700 if new).
+
+    Of processes racing to create it (workers booting on a fresh state
+    folder), the first to link its file wins and the others keep that one.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileExistsError):
+            write_secret_file(path, make())
 
 
 def replace_file(path: Path, data: bytes, mode: int) -> None:

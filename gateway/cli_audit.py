@@ -217,8 +217,9 @@ def stats_cmd(config_path: Path, event_filter: query.EventFilter, bucket: str, a
         return
     table = Table("bucket", "model", "team", "outcome", "calls", "prompt tokens", "completion tokens")
     for r in rows:
-        cells = [r["bucket"], r["model"] or "-", r["team"] or "-", r["outcome"] or "-", r["calls"]]
-        table.add_row(*map(shown, [*cells, r["prompt_tokens"], r["completion_tokens"]]))
+        cells = [r["bucket"], r["model"] or "-", r["team"] or "-", r["outcome"] or "-"]
+        cells += [r["calls"], r["prompt_tokens"], r["completion_tokens"]]
+        table.add_row(*map(shown, cells))
     console.print(table)
 
 

@@ -10,7 +10,6 @@ very next request, also when it was made by another process (the CLI).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import os
@@ -27,7 +26,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from engine.secret_files import write_secret_file
+from engine.secret_files import ensure_secret_file
 from gateway.errors import KeyStoreUnavailable, Unauthenticated
 from gateway.hotpath import AsyncHotPath, HotPath
 from gateway.tables import api_keys
@@ -86,13 +85,9 @@ class NewKey:
 
 def load_or_create_pepper(path: Path) -> bytes:
     """The HMAC pepper: 32 random bytes in a 0600 file in the state folder."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Several workers booting on a fresh state folder all get here; the
-        # first to link its file wins and the others read that one, so every
-        # worker hashes keys with the same pepper.
-        with contextlib.suppress(FileExistsError):
-            write_secret_file(path, secrets.token_bytes(32))
+    # Every worker booting on a fresh state folder reads the one pepper the
+    # first of them made, so all hash keys alike.
+    ensure_secret_file(path, lambda: secrets.token_bytes(32))
     data = path.read_bytes()
     if len(data) < 32:
         raise ValueError(f"{path} is too short to be a key pepper")
@@ -101,10 +96,7 @@ def load_or_create_pepper(path: Path) -> bytes:
 
 def ensure_token_file(path: Path) -> None:
     """A random token (engine keys, database passwords) in a 0600 file, made once."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
-            write_secret_file(path, secrets.token_urlsafe(32).encode())
+    ensure_secret_file(path, lambda: secrets.token_urlsafe(32).encode())
 
 
 def hand_over(src: Path, dst: Path, uid: int) -> None:
