@@ -10,6 +10,7 @@ import datetime as dt
 import io
 import ipaddress
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -468,6 +469,27 @@ class SocketDouble:
         for c in self._conns:
             with contextlib.suppress(OSError):
                 c.close()
+
+
+def at_once(processes: int, work: Callable[[], Any]) -> list[Any]:
+    """`work()` in forked processes released together: what each returned, or the repr of what it raised."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(processes), ctx.Queue()
+
+    def released() -> None:
+        barrier.wait()
+        try:
+            out.put(work())
+        except Exception as exc:  # reported to the test, which names it
+            out.put(repr(exc))
+
+    procs = [ctx.Process(target=released) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    return results
 
 
 def _chunk(data: bytes) -> bytes:

@@ -3,16 +3,14 @@ sees the call (the engine here is a listener that counts connections)."""
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from gateway.keys import load_or_create_pepper
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef, Gateway, SocketDouble, bastion
+from tests.support import EngineRef, Gateway, SocketDouble, at_once, bastion
 
 CHAT = {"model": "tripwire", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -96,29 +94,14 @@ def test_keys_are_stored_only_as_keyed_hashes(gw: Gateway) -> None:
     assert secret not in dump and key not in dump
 
 
-def _pepper_after_barrier(path: str, barrier: Any, out: Any) -> None:
-    barrier.wait()
-    try:
-        out.put(load_or_create_pepper(Path(path)).hex())
-    except Exception as exc:  # reported to the test, which names it
-        out.put(repr(exc))
-
-
 def test_processes_creating_the_pepper_at_once_all_get_one_whole_pepper(tmp_path: Path) -> None:
     # Workers booting together on a fresh state folder each create the pepper
     # if it is missing. The loser of that race must read the winner's pepper,
     # whole: an error would stop the gateway, a different pepper would make
     # keys work on one worker and fail on another.
-    ctx = multiprocessing.get_context("fork")
     for attempt in range(20):
         path = tmp_path / f"try{attempt}" / "secrets" / "api-key-pepper"
-        barrier, out = ctx.Barrier(6), ctx.Queue()
-        procs = [ctx.Process(target=_pepper_after_barrier, args=(str(path), barrier, out)) for _ in range(6)]
-        for p in procs:
-            p.start()
-        got = {out.get(timeout=30) for _ in procs}
-        for p in procs:
-            p.join(timeout=30)
+        got = set(at_once(6, lambda: load_or_create_pepper(path).hex()))  # noqa: B023 - run before the loop moves on
         assert got == {path.read_bytes().hex()}, f"attempt {attempt}: {got}"
         assert len(path.read_bytes()) == 32 and path.stat().st_mode & 0o777 == 0o600
         assert [p.name for p in path.parent.iterdir()] == ["api-key-pepper"], "a temporary file was left behind"

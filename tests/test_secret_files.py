@@ -10,6 +10,7 @@ from typing import Any
 
 from engine import manifest
 from gateway.audit.capture import load_keyring, rotate_keyring
+from tests.support import at_once
 
 
 def _create_key_on_a_full_disk(out: str, queue: Any) -> None:
@@ -53,30 +54,14 @@ def test_a_signing_key_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
     assert manifest.key_id_of(manifest.load_public_key(Path(f"{out}.pub"))) == key_id
 
 
-def _rotate_after_barrier(path: str, barrier: Any, queue: Any) -> None:
-    barrier.wait()
-    try:
-        queue.put(rotate_keyring(Path(path)))
-    except Exception as exc:  # reported to the test, which names it
-        queue.put(repr(exc))
-
-
 def test_rotations_at_once_keep_every_key(tmp_path: Path) -> None:
     # A key dropped by a racing rotation may already seal payloads in a
     # gateway that reloaded the keyring between the two: those would never
     # decrypt again.
     path = tmp_path / "secrets" / "audit-keyring.json"
-    first = rotate_keyring(path)
-    ctx = multiprocessing.get_context("fork")
-    made = {first}
+    made = {rotate_keyring(path)}
     for _ in range(5):
-        barrier, queue = ctx.Barrier(6), ctx.Queue()
-        procs = [ctx.Process(target=_rotate_after_barrier, args=(str(path), barrier, queue)) for _ in range(6)]
-        for p in procs:
-            p.start()
-        made |= {queue.get(timeout=30) for _ in procs}
-        for p in procs:
-            p.join(timeout=30)
+        made |= set(at_once(6, lambda: rotate_keyring(path)))
     ring = load_keyring(path)
     assert len(made) == 31, made
     assert set(ring.keys) == made
