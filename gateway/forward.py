@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import msgspec
 import structlog
@@ -31,9 +32,15 @@ log = structlog.get_logger("bastion.engine")
 _HEALTH_MAX_BYTES = 64 * 1024  # vLLM's /health answers with an empty body
 
 
+# A token count as the engine reports it, bounded to what the audit trail can
+# hold (an SQL integer): a count out of range does not decode, so it never
+# reaches the writer, where it would fail the whole batch it is committed with.
+TokenCount = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+
+
 class Usage(msgspec.Struct, frozen=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: TokenCount = 0
+    completion_tokens: TokenCount = 0
 
 
 class _WithUsage(msgspec.Struct, frozen=True):

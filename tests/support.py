@@ -376,11 +376,15 @@ class SocketDouble:
     mode "garbled": answer 200 with what vLLM never sends: a stream's usage
     event cut off mid-JSON, or (not streamed) a body with reasoning whose
     `choices` is not a list.
+    mode "usage": answer 200, streamed or not, with a well-formed completion
+    whose `usage` is `self.usage` (say, counts no engine could have: negative,
+    or past what an SQL integer holds).
     It records request lines, so a test can prove no call reached the engine.
     """
 
     def __init__(self, mode: str = "hang"):
         self.mode = mode
+        self.usage = b'{"prompt_tokens":1,"completion_tokens":1}'
         self.gate = threading.Event()
         self.request_lines: list[bytes] = []
         self._sock = socket.create_server(("127.0.0.1", 0))
@@ -436,6 +440,30 @@ class SocketDouble:
                     conn.sendall(
                         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
                         b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+                conn.close()
+            elif self.mode == "usage":
+                streamed = b'"stream": true' in head or b'"stream":true' in head
+                completion = (
+                    b'{"id":"x","object":"chat.completion","choices":'
+                    b'[{"index":0,"message":{"role":"assistant","content":"a"},"finish_reason":"stop"}],'
+                    b'"usage":' + self.usage + b"}"
+                )
+                if streamed:
+                    events = (
+                        b'data: {"id":"x","object":"chat.completion.chunk","choices":'
+                        b'[{"index":0,"delta":{"content":"a"}}]}\n\n'
+                        b'data: {"id":"x","object":"chat.completion.chunk","choices":[],"usage":'
+                        + self.usage + b"}\n\ndata: [DONE]\n\n"
+                    )
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                        b"connection: close\r\n\r\n" + _chunk(events) + _chunk(b"")
+                    )
+                else:
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(completion), completion)
                     )
                 conn.close()
             elif self.mode in ("break", "gated"):

@@ -154,6 +154,35 @@ def test_an_engine_answer_the_gateway_cannot_take_is_502_or_an_error_event(
         engine.close()
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("usage", [b'{"prompt_tokens":5000000000,"completion_tokens":1}', b'{"prompt_tokens":-900}'])
+def test_token_counts_no_engine_could_report_are_not_recorded(
+    make_gateway: GatewayFactory, fresh_pg_url: str, usage: bytes
+) -> None:
+    """The engine's usage is untrusted input. A count past PostgreSQL's integer
+    failed the writer's whole batch: this call's final record was lost (503
+    after the engine had answered), and every call committed with it was
+    refused. A negative count went into the trail as is, and refunded the
+    caller's token budget."""
+    engine = SocketDouble("usage")
+    engine.usage = usage
+    try:
+        gw = make_gateway(engines=[EngineRef("m", engine.url, "k")], database_url=fresh_pg_url)
+        key = gw.create_key()
+        r = gw.post("/v1/chat/completions", json=CHAT, key=key)
+        assert r.status_code == 200, r.text
+        final = gw.final(r.headers["x-request-id"])
+        assert (final["outcome"], final["prompt_tokens"], final["completion_tokens"]) == ("ok", None, None)
+        # Streamed, the usage event is read to count tokens: the stream ends
+        # with an error event, as for any engine answer the gateway cannot read.
+        events, request_id = stream(gw, key)
+        assert b'"code":"engine_error"' in events[-1], events
+        final = gw.final(request_id)
+        assert (final["outcome"], final["error_type"], final["prompt_tokens"]) == ("error", "engine_bad_answer", None)
+    finally:
+        engine.close()
+
+
 def test_engine_json_nested_past_the_parser_s_limit_is_read_as_no_usage() -> None:
     deep = b'{"x": ' + b"[" * 1500 + b"]" * 1500 + b"}"
     assert usage_of(deep) is None and error_of(deep) == ("engine_error", "")
