@@ -24,6 +24,7 @@ from litestar import Request, Response
 from gateway.audit.record import AuditRecord, detail_text, new_request_id
 from gateway.audit.writer import write_quietly
 from gateway.client_address import Networks, client_of
+from gateway.cross_origin import cross_site
 from gateway.errors import (
     AuditUnavailable,
     BadRequest,
@@ -201,6 +202,12 @@ async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Cal
         call.detail["auth"] = identity
     call.policy = svc.policy
     call.capture = call.policy.capture_for(principal.team, principal.key_id) or svc.settings.audit.capture
+    if cross_site(request.method, request.headers):
+        # After authentication, so the record names whose browser was used.
+        raise Forbidden(
+            f"A browser sent this request for a page of another site; {call.route} takes none.",
+            audit_reason="cross_site_request",
+        )
     if principal.role not in roles:
         raise Forbidden(f"The role '{principal.role}' may not use {call.route}.", audit_reason="role_not_allowed")
     return principal

@@ -454,7 +454,8 @@ class SocketDouble:
                         b'data: {"id":"x","object":"chat.completion.chunk","choices":'
                         b'[{"index":0,"delta":{"content":"a"}}]}\n\n'
                         b'data: {"id":"x","object":"chat.completion.chunk","choices":[],"usage":'
-                        + self.usage + b"}\n\ndata: [DONE]\n\n"
+                        + self.usage
+                        + b"}\n\ndata: [DONE]\n\n"
                     )
                     conn.sendall(
                         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"

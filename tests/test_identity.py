@@ -470,6 +470,41 @@ def test_client_certificate_forwarded_by_a_trusted_proxy(
     refused(distrusting, distrusting.get("/v1/models", headers=spoofed), 401, "untrusted_cert_header")
 
 
+def test_a_page_of_another_site_cannot_call_with_the_browser_s_certificate(
+    make_gateway: GatewayFactory, vllm_engine: EngineRef, tmp_path: Path
+) -> None:
+    """A browser sends its user's certificate whichever page asks. A form on
+    another site posting `text/plain` (no CORS preflight) made a model call
+    as that user; these are the headers such a form's request carries."""
+    pki = Pki(tmp_path)
+    good = pki.issue("good", "svc-claims", ous=("team:claims", "bastion-users"))
+    proxy = 'proxy_header = "x-ssl-client-cert"\ntrusted_proxies = ["127.0.0.1/32"]'
+    gw = make_gateway(
+        engines=[vllm_engine], policy=POLICY, extra_toml=MTLS_TOML.format(ca=tmp_path / "ca.pem", proxy=proxy)
+    )
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+
+    def post(**browser: str) -> httpx.Response:
+        headers = {"x-ssl-client-cert": quote(good[0].read_text()), "content-type": "text/plain;charset=UTF-8"}
+        return httpx.post(gw.url + "/v1/chat/completions", content=body, headers={**headers, **browser}, timeout=30)
+
+    other_site = "https://intranet.example"
+    # A browser of today says where the request comes from; one from before
+    # Sec-Fetch-Site (or a sandboxed page: origin "null") only its origin.
+    for browser in (
+        {"sec-fetch-site": "cross-site", "origin": other_site},
+        {"sec-fetch-site": "same-site", "origin": other_site},
+        {"origin": other_site},
+        {"origin": "null"},
+    ):
+        final = refused(gw, post(**browser), 403, "cross_site_request")
+        assert (final["auth_method"], final["key_name"]) == ("mtls", "svc-claims"), browser
+    # The gateway's own origin, the user's own typing, and clients that are not browsers get through.
+    for browser in ({"sec-fetch-site": "same-origin"}, {"sec-fetch-site": "none"}, {"origin": gw.url}, {}):
+        r = post(**browser)
+        assert r.status_code == 200 and gw_final(gw, r)["outcome"] == "ok", (browser, r.text)
+
+
 def test_certificate_names_by_kind(tmp_path: Path) -> None:
     from gateway.mtls import organizational_units, subject_name
 
