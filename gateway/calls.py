@@ -262,6 +262,8 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
         call.request_sha256 = call.digest(body)
         summary = summarize(kind, body)
         call.model, call.stream = summary.model, summary.stream
+        if summary.choices > 1:
+            call.detail["choices"] = summary.choices  # `n` (times a batch's prompts): what the call may cost
         media, fetched = await inspect_media(svc, call, principal, summary)
         decision = enforce(call, principal, summary.prompt(media))
         call.strip_reasoning = not (summary.return_reasoning and decision.reasoning)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -18,6 +18,10 @@ from gateway.errors import BadRequest
 from policy import MediaPart, Prompt
 
 Kind = Literal["chat", "completions"]
+
+# How many choices the engine generates for each prompt (`n`): each is up to
+# max_tokens long, so a call's cost is counted with it (policy/decide.py).
+Choices = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class StreamOptions(msgspec.Struct, frozen=True):
@@ -78,6 +82,7 @@ class ChatBody(msgspec.Struct, frozen=True):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    n: Choices | None = None
     # Reasoning: top-level (LangChain's extra_body) or vLLM's chat template argument.
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -96,6 +101,7 @@ class CompletionBody(msgspec.Struct, frozen=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
+    n: Choices | None = None
     # vLLM's prompt as embeddings (with --enable-prompt-embeds): unreadable like token ids.
     prompt_embeds: msgspec.Raw = _NO_RAW
 
@@ -109,6 +115,9 @@ class RequestSummary(msgspec.Struct, frozen=True):
     # Whether the body already carries a `stream_options` key.
     has_stream_options: bool
     max_tokens: int | None
+    # Completions the engine generates, each up to max_tokens: `n` times the
+    # prompts of a completions call's batch.
+    choices: int = 1
     # Every text of the request in walk order (see `_texts_of`), for policy.
     texts: tuple[str, ...] = ()
     token_ids: bool = False
@@ -130,6 +139,7 @@ class RequestSummary(msgspec.Struct, frozen=True):
             model=self.model,
             stream=self.stream,
             max_tokens=self.max_tokens,
+            choices=self.choices,
             reasoning=self.reasoning,
             texts=self.texts,
             token_ids=self.token_ids,
@@ -176,10 +186,14 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         return_reasoning = parsed.return_reasoning is True
         thinking_fields = parsed.enable_thinking is not None or parsed.return_reasoning is not None
         unread = _unread_fields(parsed)
+        batch = 1
     else:
         prompts = [parsed.prompt] if isinstance(parsed.prompt, str) else parsed.prompt
         texts = tuple(p for p in prompts if isinstance(p, str))
         token_ids, media, reasoning = len(texts) != len(prompts), (), False
+        # A list of strings or of token-id lists is a batch, one completion
+        # each; a flat list of token ids is one prompt.
+        batch = sum(1 for p in prompts if not isinstance(p, int)) or 1
         return_reasoning = thinking_fields = False
         unread = ("prompt_embeds",) if _carries(parsed.prompt_embeds) else ()
     return RequestSummary(
@@ -189,6 +203,7 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         client_wants_usage=bool(options and options.include_usage),
         has_stream_options=options is not None or b'"stream_options"' in body,
         max_tokens=max_tokens,
+        choices=(parsed.n or 1) * batch,
         texts=texts,
         token_ids=token_ids,
         media=media,

@@ -60,6 +60,8 @@ class Prompt(msgspec.Struct, frozen=True):
     model: str
     stream: bool = False
     max_tokens: int | None = None
+    # Completions generated, each up to max_tokens (`n`, times a batch's prompts).
+    choices: int = 1
     reasoning: bool = False
     # Every text part of every message, in order (completions: the prompt strings).
     texts: tuple[str, ...] = ()
@@ -306,9 +308,10 @@ def _check_content(rules: Rules, texts: tuple[str, ...]) -> Decision | tuple[tup
 
 
 def _buckets(rules: Rules, caller: Caller, prompt: Prompt, max_tokens: int | None) -> tuple[Bucket, ...]:
-    # A call reserves what it may use: its max_tokens plus an estimate of its
-    # prompt (4 characters a token); the engine's usage settles it afterwards.
-    tokens = (max_tokens or 0) + sum(len(t) for t in prompt.texts) // 4 + 1
+    # A call reserves what it may use: max_tokens for each of its choices, plus
+    # an estimate of its prompt (4 characters a token); the engine's usage
+    # settles it afterwards.
+    tokens = (max_tokens or 0) * prompt.choices + sum(len(t) for t in prompt.texts) // 4 + 1
     out: list[Bucket] = []
     for scope, ident, rates in (("key", caller.key_id, rules.per_key), ("team", caller.team, rules.per_team)):
         out += _scope_buckets(scope, ident, rates, tokens)

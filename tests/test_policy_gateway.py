@@ -340,6 +340,22 @@ def test_rate_limits_answer_429_in_openai_style(make_gateway: GatewayFactory, vl
         assert again.status_code == 400, again.text
         big = gw.post("/v1/chat/completions", key=tok, json=chat_body("word " * 3000, max_tokens=400))
         assert big.status_code == 400 and big.json()["error"]["code"] == "policy_limit_exceeded"
+        # Each of a call's choices may be max_tokens long: `n` of them, or one
+        # per prompt of a completions batch. Reserving max_tokens once let
+        # one call generate many times the team's whole allowance.
+        for path, body in (
+            ("/v1/chat/completions", chat_body(max_tokens=100) | {"n": 11}),
+            ("/v1/completions", {"model": "tiny", "prompt": ["Hi"] * 11, "max_tokens": 100}),
+            ("/v1/completions", {"model": "tiny", "prompt": [[1, 2]] * 4, "max_tokens": 100, "n": 3}),
+        ):
+            r = gw.post(path, key=tok, json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "policy_limit_exceeded", r.text
+            final = decision(gw, r)["_final"]
+            assert json.loads(final["detail"])["choices"] in (11, 12)
+        batch = {"model": "tiny", "prompt": ["Hi"] * 2, "max_tokens": 5}
+        assert gw.post("/v1/completions", key=tok, json=batch).status_code == 200
+        r = gw.post("/v1/chat/completions", key=tok, json=chat_body() | {"n": 0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
 
         # Concurrency: a call held by a hanging engine holds the team's only slot.
         held: dict[str, httpx.Response] = {}
