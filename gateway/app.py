@@ -21,7 +21,7 @@ from sqlalchemy import insert, update
 
 from engine.manifest import Verification
 from gateway import auditor, calls, connection_limits
-from gateway.errors import ErrorBody, ErrorEnvelope
+from gateway.errors import ErrorBody, ErrorEnvelope, InternalError
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.tables import gateway_heartbeat
@@ -168,8 +168,7 @@ def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[b
 
 def _internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.error("unhandled_error", error=type(exc).__name__)
-    err = ErrorEnvelope(ErrorBody("Internal gateway error.", "api_error", None, "internal_error"))
-    return Response(msgspec.json.encode(err), status_code=500, media_type="application/json")
+    return Response(InternalError("Internal gateway error.").body(), status_code=500, media_type="application/json")
 
 
 def _on_sighup(callback: Callable[[], None]) -> None:

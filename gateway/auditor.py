@@ -14,6 +14,7 @@ import base64
 import csv
 import hashlib
 import io
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from gateway.audit import query
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.capture import KeyringError, load_keyring, open_payload
 from gateway.audit.verify import verify_database
-from gateway.calls import Call, answer, authenticate, headers_for, refuse
+from gateway.calls import Call, answer, authenticate, headers_for, refuse, refuse_unexpected
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
 from gateway.services import Services
 from gateway.settings import ConfigError
@@ -32,6 +33,7 @@ from gateway.streaming import Stream
 from gateway.trust import audit_verify_keys
 
 AUDIT_ROLES = frozenset({"auditor"})
+_LIMIT = re.compile(r"[0-9]{1,4}")  # ASCII digits: str.isdigit() also takes "²", which int() refuses
 _verify_lock = asyncio.Lock()
 
 
@@ -50,7 +52,7 @@ async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any
         cursor = params.pop("cursor", None)
         f = query.parse_filter(params)
         if fmt == "json":
-            if not limit.isdigit():
+            if not _LIMIT.fullmatch(limit):
                 raise query.QueryError("limit must be a number between 1 and 1000.")
             page = await query.page(svc.db, f, limit=int(limit), cursor=cursor)
             body = msgspec.json.encode({"object": "list", "data": page.events, "next_cursor": page.next_cursor})
@@ -64,6 +66,8 @@ async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any
         await svc.audit.write(call.final(outcome="ok", http_status=200))
     except GatewayError as err:
         return await refuse(svc, call, err)
+    except Exception:
+        return await refuse_unexpected(svc, call)
     media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
     headers = headers_for(call, {"content-disposition": f'attachment; filename="audit-export.{fmt}"'})
     rows = query.export(svc.db, f)
@@ -113,6 +117,8 @@ async def event(request: Request[Any, Any, Any], svc: Services, request_id: str)
         return await answer(svc, call, body, detail)
     except GatewayError as err:
         return await refuse(svc, call, err)
+    except Exception:
+        return await refuse_unexpected(svc, call)
 
 
 def _decrypt_into(
@@ -150,6 +156,8 @@ async def stats(request: Request[Any, Any, Any], svc: Services) -> Response[byte
         return await answer(svc, call, body, {"action": "stats", "bucket": bucket, "filter": f.public()})
     except GatewayError as err:
         return await refuse(svc, call, err)
+    except Exception:
+        return await refuse_unexpected(svc, call)
 
 
 async def verify(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
@@ -169,3 +177,5 @@ async def verify(request: Request[Any, Any, Any], svc: Services) -> Response[byt
         return await answer(svc, call, msgspec.json.encode(report.public()), summary)
     except GatewayError as err:
         return await refuse(svc, call, err)
+    except Exception:
+        return await refuse_unexpected(svc, call)

@@ -32,6 +32,7 @@ from gateway.errors import (
     EngineError,
     Forbidden,
     GatewayError,
+    InternalError,
     LimiterDown,
     MethodNotAllowed,
     ModelNotFound,
@@ -194,6 +195,19 @@ async def refuse(svc: Services, call: Call, err: GatewayError) -> Response[bytes
     return error_response(call, err)
 
 
+def internal_error() -> GatewayError:
+    """What a call that raised what no stage expects (a bug, a database error)
+    is answered and audited with (500). Called in the `except` block: the
+    traceback is logged for the operator; the caller learns nothing of it."""
+    log.exception("call.internal_error")
+    return InternalError("Internal gateway error.")
+
+
+async def refuse_unexpected(svc: Services, call: Call) -> Response[bytes]:
+    """`refuse` with `internal_error()`."""
+    return await refuse(svc, call, internal_error())
+
+
 async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Call, roles: frozenset[str]) -> Principal:
     principal = await svc.auth.authenticate(request.scope, request.headers, call.peer_addr)  # type: ignore[arg-type]
     call.principal = principal
@@ -309,8 +323,7 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
     except GatewayError as err:
         return await refuse(svc, call, err)
     except Exception:
-        log.exception("call.internal_error")
-        return await refuse(svc, call, GatewayError("Internal gateway error.", audit_reason="internal_error"))
+        return await refuse_unexpected(svc, call)
     finally:
         if lease is not None:
             svc.spawn(settle(svc, lease, call.tokens_used))
@@ -553,7 +566,8 @@ async def _relay(
                     raise _bad_answer(exc) from None
                 yield sent(event)
             outcome = "ok"
-        except GatewayError as err:
+        except Exception as exc:  # not the client going away: that is a BaseException
+            err = exc if isinstance(exc, GatewayError) else internal_error()
             outcome, error_type, error_message = "error", err.audit_reason, err.message
             closing = _error_event(err)
         if closing is not None:
@@ -583,6 +597,8 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
         principal = await authenticate(svc, request, call, INFERENCE_ROLES)
     except GatewayError as err:
         return await refuse(svc, call, err)
+    except Exception:
+        return await refuse_unexpected(svc, call)
     created = int(svc.started_at.timestamp())
     # Only the models this caller's policy allows (none without a policy).
     assert call.policy is not None, "authenticate() sets the call's policy"
@@ -600,6 +616,8 @@ async def verify_models(request: Request[Any, Any, Any], svc: Services) -> Respo
         await svc.integrity.verify_all("admin")
     except GatewayError as err:
         return await refuse(svc, call, err)
+    except Exception:
+        return await refuse_unexpected(svc, call)
     return await answer(
         svc, call, msgspec.json.encode({"models": {n: s.public() for n, s in svc.integrity.states.items()}})
     )

@@ -46,6 +46,12 @@ class GatewayError(Exception):
         return {}
 
 
+class InternalError(GatewayError):
+    """What no stage of a call expected (a bug, a database error): the operator's log has the rest."""
+
+    code = "internal_error"
+
+
 class BadRequest(GatewayError):
     status = 400
     type = "invalid_request_error"

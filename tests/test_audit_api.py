@@ -3,6 +3,7 @@ filters and pagination, exports, stats, verification, payload capture and decryp
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -80,11 +81,34 @@ def test_filters_and_keyset_pages_cover_every_record_once(gw: Gateway) -> None:
     timed = gw.get("/admin/audit/events", key=auditor, params=window | {"phase": "final"}).json()["data"]
     assert set(ids) <= {e["request_id"] for e in timed}
 
-    for bad in ({"limit": 0}, {"limit": "x"}, {"since": "yesterday"}, {"cursor": "garbage"}, {"colour": "red"}):
+    # Each of these (a digit int() refuses, numbers past what SQL columns
+    # hold, times out of range once in UTC) was a 500 with no audit record.
+    big_cursor = base64.urlsafe_b64encode(f'["2026-01-01T00:00:00Z",{2**70}]'.encode()).decode()
+    early_cursor = base64.urlsafe_b64encode(b'["0001-01-01T00:00:00+05:00",1]').decode()
+    for bad in (
+        {"limit": 0}, {"limit": "x"}, {"limit": "²"}, {"since": "yesterday"}, {"cursor": "garbage"},
+        {"colour": "red"}, {"status": 2**40}, {"cursor": big_cursor}, {"cursor": early_cursor},
+        {"since": "0001-01-01T00:00:00+05:00"}, {"until": "9999-12-31T23:59:59-05:00"},
+    ):  # fmt: skip
         r = gw.get("/admin/audit/events", key=auditor, params=bad)
         assert r.status_code == 400, (bad, r.text)
         assert r.json()["error"]["type"] == "invalid_request_error"
         assert gw.final(r.headers["x-request-id"])["error_type"] == "invalid_query"
+
+
+def test_filters_find_text_as_the_trail_stores_it(gw: Gateway) -> None:
+    """The trail stores NUL as U+FFFD (PostgreSQL text cannot hold it) and cuts
+    text to its column. A filter with the caller's own text was a 500 with no
+    audit record on PostgreSQL, and found nothing on SQLite."""
+    user, auditor = gw.create_key(), gw.create_key(role="auditor")
+    for model in ("tiny\x00evil", "m" * 5000):
+        r = gw.post(
+            "/v1/chat/completions", key=user, json={"model": model, "messages": [{"role": "user", "content": "x"}]}
+        )
+        assert r.status_code == 404, r.text
+        found = gw.get("/admin/audit/events", key=auditor, params={"model": model, "phase": "final"})
+        assert found.status_code == 200, found.text
+        assert [e["request_id"] for e in found.json()["data"]] == [r.headers["x-request-id"]]
 
 
 def test_exports_stream_every_match_as_jsonl_and_csv(gw: Gateway) -> None:

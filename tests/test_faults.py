@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -354,11 +354,10 @@ def test_postgres_refusing_connections_refuses_calls(
     _assert_refused_without_engine(gw, key, tripwire)
 
 
-@pytest.mark.postgres
-def test_postgres_denying_inserts_refuses_calls(
-    make_gateway: GatewayFactory, fresh_pg_url: str, tripwire: SocketDouble
-) -> None:
-    """The database itself refuses the write: the gateway's role loses INSERT."""
+@contextmanager
+def pg_role(pg_url: str) -> Iterator[tuple[str, Callable[..., None]]]:
+    """A login role of its own for a gateway (its URL), and a way to run SQL
+    as the database's owner (to take the role's rights away mid-test)."""
     import asyncio
 
     from sqlalchemy import text
@@ -367,33 +366,67 @@ def test_postgres_denying_inserts_refuses_calls(
 
     role = f"bastion_writer_{secrets.token_hex(4)}"
 
-    async def admin(*sql: str) -> None:
-        engine = create_engine(fresh_pg_url)
+    async def run(*sql: str) -> None:
+        engine = create_engine(pg_url)
         try:
             async with engine.begin() as conn:
                 for s in sql:
-                    await conn.execute(text(s))
+                    await conn.execute(text(s.format(role=role)))
         finally:
             await engine.dispose()
 
-    asyncio.run(admin(
-        f"CREATE ROLE {role} LOGIN",
-        f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}",
-        f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}",
-    ))  # fmt: skip
-    user_url = fresh_pg_url.replace("://postgres@", f"://{role}@")
-    gw = make_gateway(
-        engines=[EngineRef("m", tripwire.url, "k")], database_url=user_url, gateway={"engine_read_timeout": 1.0}
+    def owner(*sql: str) -> None:
+        asyncio.run(run(*sql))
+
+    owner(
+        "CREATE ROLE {role} LOGIN",
+        "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}",
+        "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}",
     )
-    key = gw.create_key()
-    asyncio.run(admin(f"REVOKE INSERT ON audit_records FROM {role}"))
     try:
-        r = gw.post("/v1/chat/completions", json=CHAT, key=key)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
-        assert tripwire.calls == 0
+        yield pg_url.replace("://postgres@", f"://{role}@"), owner
     finally:
-        gw.stop()
-        asyncio.run(admin(f"DROP OWNED BY {role}", f"DROP ROLE {role}"))
+        owner("DROP OWNED BY {role}", "DROP ROLE {role}")
+
+
+@pytest.mark.postgres
+def test_postgres_denying_inserts_refuses_calls(
+    make_gateway: GatewayFactory, fresh_pg_url: str, tripwire: SocketDouble
+) -> None:
+    """The database itself refuses the write: the gateway's role loses INSERT."""
+    with pg_role(fresh_pg_url) as (user_url, owner):
+        gw = make_gateway(
+            engines=[EngineRef("m", tripwire.url, "k")], database_url=user_url, gateway={"engine_read_timeout": 1.0}
+        )
+        key = gw.create_key()
+        owner("REVOKE INSERT ON audit_records FROM {role}")
+        try:
+            r = gw.post("/v1/chat/completions", json=CHAT, key=key)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
+            assert tripwire.calls == 0
+        finally:
+            gw.stop()
+
+
+@pytest.mark.postgres
+def test_a_database_error_the_gateway_did_not_expect_is_a_500_on_record(
+    make_gateway: GatewayFactory, fresh_pg_url: str, tripwire: SocketDouble
+) -> None:
+    """The database refuses a read (the role lost SELECT on the payload table,
+    which only the one-call lookup reads). That was a 500 from the framework's
+    last-resort handler, with no audit record of the auditor's request."""
+    with pg_role(fresh_pg_url) as (user_url, owner):
+        gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], database_url=user_url)
+        auditor = gw.create_key(role="auditor")
+        owner("REVOKE SELECT ON audit_payloads FROM {role}")
+        try:
+            r = gw.get("/admin/audit/events/0123", key=auditor)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+            final = gw.final(r.headers["x-request-id"])
+            assert (final["outcome"], final["error_type"], final["role"]) == ("error", "internal_error", "auditor")
+            assert "call.internal_error" in {e.get("event") for e in gw.log_events()}
+        finally:
+            gw.stop()
 
 
 def test_a_stalled_database_fills_the_bounded_queue_and_the_rest_are_refused_at_once(

@@ -13,13 +13,13 @@ import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.audit.record import iso
+from gateway.audit.record import iso, stored_text
 from gateway.errors import BadRequest
 from gateway.tables import audit_payloads, audit_records
 
@@ -40,7 +40,7 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     team: str | None = None
     model: str | None = None
     outcome: str | None = None  # ok | refused | error | client_closed
-    status: int | None = None  # HTTP status
+    status: Annotated[int, msgspec.Meta(ge=0, le=999)] | None = None  # HTTP status
     phase: str | None = None  # intent | final | system
     request_id: str | None = None
     since: datetime | None = None  # started_at >= since
@@ -62,9 +62,9 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             if value is not None:
                 out.append(column == value)
         if self.since is not None:
-            out.append(c.started_at >= _utc(self.since))
+            out.append(c.started_at >= self.since)
         if self.until is not None:
-            out.append(c.started_at < _utc(self.until))
+            out.append(c.started_at < self.until)
         return out
 
     def public(self) -> dict[str, Any]:
@@ -75,16 +75,27 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         }
 
 
-def _utc(value: datetime) -> datetime:
+def _utc(value: datetime, name: str) -> datetime:
     # Stored times are UTC; SQLite compares them as text, so bind UTC too.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+05:00 is before year 1 in UTC
+        raise QueryError(f"{name} must be a time from year 1 to 9999 in UTC.") from None
+
+
+_TEXT_FILTERS = ("key_id", "team", "model", "outcome", "phase", "request_id")
 
 
 def parse_filter(params: dict[str, Any]) -> EventFilter:
+    """A filter from query parameters (or CLI options), its values as the trail
+    stores them: texts as `row_of` keeps them, times in UTC."""
     try:
-        return msgspec.convert(params, EventFilter, strict=False)
+        f = msgspec.convert(params, EventFilter, strict=False)
     except msgspec.ValidationError as exc:
         raise QueryError(f"Invalid filter: {exc}") from None
+    texts = {n: stored_text(n, v) for n in _TEXT_FILTERS if isinstance(v := getattr(f, n), str)}
+    times = {n: _utc(v, n) for n in ("since", "until") if (v := getattr(f, n)) is not None}
+    return msgspec.structs.replace(f, **texts, **times)
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula
@@ -114,13 +125,16 @@ def _encode_cursor(row: Any) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode([iso(row.started_at), row.id])).decode().rstrip("=")
 
 
+_RowId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a BIGINT
+
+
 def _decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        started, row_id = msgspec.json.decode(raw, type=tuple[datetime, int])
+        started, row_id = msgspec.json.decode(raw, type=tuple[datetime, _RowId])
     except (ValueError, msgspec.DecodeError):
         raise QueryError("Invalid cursor: pass back the next_cursor of the previous page unchanged.") from None
-    return _utc(started), row_id
+    return _utc(started, "The cursor's time"), row_id
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,7 @@ async def export(engine: AsyncEngine, f: EventFilter, *, chunk: int = 2000) -> A
 async def call_records(engine: AsyncEngine, request_id: str) -> tuple[list[dict[str, Any]], list[Any]]:
     """Every record of one call (intent, final) and its captured payload rows."""
     c = audit_records.c
+    request_id = stored_text("request_id", request_id)
     async with engine.connect() as conn:
         rows = (await conn.execute(sa.select(audit_records).where(c.request_id == request_id).order_by(c.id))).all()
         payloads = (

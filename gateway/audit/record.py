@@ -119,12 +119,17 @@ def row_of(record: AuditRecord) -> dict[str, Any]:
     row = msgspec.structs.asdict(record)
     for name, value in row.items():
         if type(value) is str:
-            if "\x00" in value:  # PostgreSQL text cannot hold NUL
-                value = row[name] = value.replace("\x00", "\ufffd")
-            width = _WIDTHS.get(name)
-            if width and len(value) > width:
-                row[name] = value[:width]
+            row[name] = stored_text(name, value)
     return row
+
+
+def stored_text(column: str, value: str) -> str:
+    """A string as the trail stores it in `column`: NUL (which PostgreSQL text
+    cannot hold) as U+FFFD, cut to the column's width. Filters compare with it."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    width = _WIDTHS.get(column)
+    return value[:width] if width and len(value) > width else value
 
 
 _TIME_FIELDS = tuple(i + 1 for i, name in enumerate(HASHED_FIELDS) if name in ("started_at", "ended_at"))
