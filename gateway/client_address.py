@@ -18,11 +18,23 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def parse(addr: str | None) -> IPAddress | None:
-    """An address, or None when there is none or it is not an IP address."""
+    """An address, or None when there is none or it is not an IP address.
+
+    An IPv4 address mapped into IPv6 (`::ffff:10.0.0.5`) is the IPv4 address
+    it maps: a socket listening on `::` sees every IPv4 client that way, and
+    the operator's networks (policy `clients`, trusted proxies) are IPv4.
+    """
     try:
-        return ipaddress.ip_address(addr or "")
+        ip = ipaddress.ip_address(addr or "")
     except ValueError:
         return None
+    return (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def canonical(addr: str) -> str:
+    """A connection's peer address as the gateway records and matches it (see `parse`)."""
+    ip = parse(addr)
+    return addr if ip is None else str(ip)
 
 
 class Networks:

@@ -47,6 +47,7 @@ from typing import Any
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.client_address import canonical
 from gateway.connection_limits import ConnectionLimits
 from gateway.errors import BadRequest, GatewayError, HeadTooLarge, RequestTimeout, TooManyConnections
 
@@ -137,6 +138,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if self.client is not None:
+            # The address every later step sees (the scope's "client"): an IPv4
+            # client of a socket on `::` as IPv4, not `::ffff:a.b.c.d`.
+            self.client = (canonical(self.client[0]), self.client[1])
         # Flow control (pause/resume reading and writing) stays on the real transport.
         self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         if self._limits is not None:

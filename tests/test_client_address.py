@@ -40,6 +40,8 @@ PROXIES = Networks(["127.0.0.1/32", "10.0.0.0/8"])
         # IPv6, written back in its one canonical form.
         ("127.0.0.1", ["2001:DB8:0:0::1"], "2001:db8::1"),
         (None, ["198.51.100.1"], None),
+        # IPv4 mapped into IPv6 (what a socket on `::` sees) is the IPv4 address.
+        ("::ffff:127.0.0.1", ["::ffff:198.51.100.1"], "198.51.100.1"),
     ],
 )
 def test_the_client_is_the_first_untrusted_hop_from_the_right(
@@ -82,3 +84,37 @@ def test_a_forged_forwarded_for_is_ignored_and_a_trusted_proxys_is_recorded(
     r = proxied.get("/v1/models", key=key)
     final = proxied.final(r.headers["x-request-id"])
     assert final["client_addr"] == "127.0.0.1" and "proxy" not in json.loads(final["detail"] or "{}")
+
+
+MAPPED_POLICY = """\
+version: 1
+teams:
+  team-a:
+    models: ['*']
+    clients: ['127.0.0.0/8']
+"""
+
+
+def test_ipv4_clients_of_a_socket_on_all_ipv6_addresses_are_ipv4(make_gateway: GatewayFactory) -> None:
+    """Several workers share a socket bound by uvicorn, which on `::` takes
+    IPv4 too and sees each IPv4 client as `::ffff:a.b.c.d`. Every IPv4 network
+    of the operator's (policy `clients`, trusted proxies) refused them all."""
+    engine = SocketDouble("usage")
+    try:
+        gw = make_gateway(
+            engines=[EngineRef("m", engine.url, "k")],
+            gateway={"host": "::", "workers": 2, "trusted_proxies": ["127.0.0.1/32"]},
+            policy=MAPPED_POLICY,
+            policy_settings={"rate_limits": {"backend": "redis"}},
+        )
+        key = gw.create_key()
+        r = gw.post(
+            "/v1/chat/completions", key=key, json={"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        )
+        assert r.status_code == 200, r.text
+        assert gw.final(r.headers["x-request-id"])["client_addr"] == "127.0.0.1"
+        # The trusted proxy is recognised too: its X-Forwarded-For is believed.
+        r = gw.get("/v1/models", key=key, headers={"x-forwarded-for": "198.51.100.1"})
+        assert gw.final(r.headers["x-request-id"])["client_addr"] == "198.51.100.1"
+    finally:
+        engine.close()
