@@ -234,13 +234,19 @@ def _parse_expiry(expires_in: str | None, expires_at: str | None) -> datetime | 
         if not m:
             raise UsageProblem("--expires-in takes a number and a unit: 30m, 12h, 90d")
         unit = {"m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-        return datetime.now(UTC) + timedelta(**{unit: int(m.group(1))})
+        try:
+            return datetime.now(UTC) + timedelta(**{unit: int(m.group(1))})
+        except OverflowError:
+            raise UsageProblem("--expires-in is past the year 9999") from None
     if expires_at:
         try:
             when = datetime.fromisoformat(expires_at)
+            # Stored in UTC: SQLite keeps no zone, and would read a +05:00 time as UTC.
+            return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
         except ValueError:
             raise UsageProblem("--expires-at takes an ISO 8601 time, e.g. 2027-01-31T00:00:00Z") from None
-        return when if when.tzinfo else when.replace(tzinfo=UTC)
+        except OverflowError:
+            raise UsageProblem("--expires-at must be a time from year 1 to 9999 in UTC") from None
     return None
 
 

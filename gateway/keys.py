@@ -17,7 +17,7 @@ import re
 import secrets
 import shutil
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -142,6 +142,10 @@ class KeyStore:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         if can_decrypt and role != "auditor":
             raise ValueError("only auditor keys may decrypt captured payloads")
+        if expires_at is not None and expires_at.utcoffset() != timedelta(0):
+            # SQLite stores a time's fields without its zone: anything but UTC
+            # would be read back hours off, and the key expire at the wrong time.
+            raise ValueError("expires_at must be a time in UTC")
         key_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12))
         secret = secrets.token_urlsafe(32)
         info = KeyInfo(key_id, name, role, team, _now(), expires_at, None, can_decrypt)

@@ -3,6 +3,8 @@ sees the call (the engine here is a listener that counts connections)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from pathlib import Path
 
 import httpx
@@ -71,6 +73,18 @@ def test_expired_key(gw: Gateway, tripwire: SocketDouble) -> None:
     key = gw.create_key("--expires-at", "2020-01-01T00:00:00Z")
     record = _refused(gw, {"authorization": f"Bearer {key}"}, "expired_key", code="expired_api_key")
     assert record["key_id"] == key.split("_")[1]
+    assert tripwire.calls == 0
+
+
+def test_an_expiry_given_in_another_zone_is_kept_in_utc(gw: Gateway, tripwire: SocketDouble) -> None:
+    """SQLite keeps a time's fields without its zone: an expiry written for
+    UTC+5 was read back as UTC, and the key lived five hours past it."""
+    an_hour_ago = dt.datetime.now(dt.timezone(dt.timedelta(hours=5))) - dt.timedelta(hours=1)
+    key = gw.create_key("--expires-at", an_hour_ago.isoformat())
+    _refused(gw, {"authorization": f"Bearer {key}"}, "expired_key", code="expired_api_key")
+    listed = json.loads(gw.bastion("keys", "list", "--json").stdout)
+    expires = next(k["expires_at"] for k in listed if k["key_id"] == key.split("_")[1])
+    assert expires == an_hour_ago.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     assert tripwire.calls == 0
 
 

@@ -76,6 +76,8 @@ def test_keys_create_list_revoke_with_json(tmp_path: Path) -> None:
         (["keys", "list"], "not toml at all ="),
         (["keys", "create", "--role", "root", "--name", "x"], ""),  # bad choice
         (["keys", "create", "--name", "x", "--expires-in", "soon"], ""),
+        (["keys", "create", "--name", "x", "--expires-in", "99999999999d"], ""),  # was a traceback
+        (["keys", "create", "--name", "x", "--expires-at", "9999-12-31T23:59:59-05:00"], ""),  # year 10000 in UTC
         (["no-such-command"], ""),
     ],
 )
