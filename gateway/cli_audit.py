@@ -233,9 +233,12 @@ def prune_cmd(config_path: Path, before: str, yes: bool, as_json: bool) -> None:
     settings = settings_from(config_path)
     try:
         cut = datetime.fromisoformat(before)
+        # Compared in UTC: SQLite keeps no zone, and would compare a +05:00 time's clock as UTC.
+        cut = cut.astimezone(UTC) if cut.tzinfo else cut.replace(tzinfo=UTC)
     except ValueError:
         raise UsageProblem("--before takes an ISO 8601 date or time, e.g. 2026-01-01") from None
-    cut = cut if cut.tzinfo else cut.replace(tzinfo=UTC)
+    except OverflowError:
+        raise UsageProblem("--before must be a time from year 1 to 9999 in UTC") from None
     if not yes:
         click.confirm(f"Delete audit records in segments checkpointed before {cut.isoformat()}?", abort=True)
     try:

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
 import pytest
@@ -227,6 +227,11 @@ def test_cli_query_export_stats_and_prune_are_audited(gw: Gateway) -> None:
     assert json.loads(created["detail"])["key_id"] == user.split("_")[1] and created["auth_method"] == "os_user"
 
     gw.stop()  # a clean stop closes the gateway's stream with a signed checkpoint
+    # A cut-off a minute before every checkpoint, written for UTC+5: its
+    # clock reads five hours later, and SQLite (which keeps no zone) compared
+    # that with UTC times, deleting segments signed after the cut-off.
+    early = datetime.now(timezone(timedelta(hours=5))) - timedelta(minutes=1)
+    assert json.loads(gw.bastion("audit", "prune", "--before", early.isoformat(), "--yes", "--json").stdout) == []
     cut = datetime.now(UTC).isoformat()
     pruned = json.loads(gw.bastion("audit", "prune", "--before", cut, "--yes", "--json").stdout)
     assert sum(p["records"] for p in pruned) > 0
