@@ -47,7 +47,7 @@ from gateway.errors import (
 )
 from gateway.forward import EngineStream, Usage, error_of, usage_of
 from gateway.keys import Principal
-from gateway.media import MediaLimits, check_parts
+from gateway.media import MediaLimits, check_count, check_parts
 from gateway.policies import rate_headers
 from gateway.reasoning import event_without_reasoning, without_reasoning
 from gateway.services import Services
@@ -344,6 +344,8 @@ async def inspect_media(
     if not summary.media:
         return (), {}
     parts = list(summary.media)
+    m = svc.settings.media
+    check_count([param for param, _ in parts], m.max_parts)
     fetcher = svc.images
     remote = {
         param: part.image_url.url
@@ -358,7 +360,6 @@ async def inspect_media(
         urls = await asyncio.gather(*(fetcher.as_data_url(url, param) for param, url in remote.items()))
         fetched = dict(zip(remote, urls, strict=True))
         parts = [(param, ImagePart(URL(fetched[param])) if param in fetched else part) for param, part in parts]
-    m = svc.settings.media
     limits = MediaLimits(max_image_pixels=m.max_image_pixels, max_audio_seconds=m.max_audio_seconds)
     media = await asyncio.to_thread(check_parts, parts, limits)
     call.detail["media"] = [

@@ -21,6 +21,7 @@ import binascii
 import hashlib
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,17 @@ def check_audio(data_b64: str, fmt: str, limits: MediaLimits, param: str) -> Med
     return MediaPart(
         "audio", size=len(data), mime=_AUDIO_MIME[fmt], sha256=hashlib.sha256(data).hexdigest(), seconds=seconds
     )
+
+
+def check_count(params: Sequence[str], limit: int) -> None:
+    """Refuse a request with more than `limit` media parts (`params`: their JSON
+    paths), before any is fetched or decoded."""
+    if len(params) > limit:
+        raise _refuse(
+            f"The request has {len(params)} images and audio clips; the gateway takes at most {limit}.",
+            "media_too_many",
+            params[limit],
+        )
 
 
 def check_parts(parts: list[tuple[str, Any]], limits: MediaLimits) -> tuple[MediaPart, ...]:

@@ -224,6 +224,11 @@ class MediaSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Ceilings for every caller; a team's policy can only set tighter ones.
     max_image_pixels: int = 40_000_000
     max_audio_seconds: float = 600.0
+    # Media parts (images and audio) in one request. Each is decoded (and may
+    # be fetched) before policy's counts are read, and recorded in the audit
+    # detail: 10 MB of one-pixel GIFs was 80,000 parts, 3 s of decoding and a
+    # 10 MB record.
+    max_parts: int = 64
     fetch: FetchSettings = msgspec.field(default_factory=FetchSettings)
 
 
@@ -416,6 +421,8 @@ def _check(settings: Settings, path: Path) -> None:
             " must be positive"
         )
     _check_auth(settings.auth, path)
+    if settings.media.max_parts < 1:
+        raise ConfigError(f"{path}: media.max_parts must be at least 1")
     f = settings.media.fetch
     try:
         f.hosts()

@@ -170,6 +170,32 @@ def test_failed_fetches_are_refused_and_audited_before_the_engine(
 
 
 @pytest.mark.engine
+def test_a_request_over_the_media_part_ceiling_fetches_and_decodes_nothing(
+    make_gateway: GatewayFactory, tripwire: SocketDouble, image_host: ImageHost
+) -> None:
+    """With no count in policy, one request of 10 MB held 80,000 one-pixel
+    GIFs (3 s of decoding, a 10 MB audit record); remote URLs on the allow-list
+    were all fetched, one call making the gateway hit the listed host."""
+    gw = make_gateway(
+        engines=[EngineRef("tiny", tripwire.url, "k")], extra_toml=fetch_toml(image_host) + "[media]\nmax_parts = 3\n"
+    )
+    key = gw.create_key()
+    part = {"type": "image_url", "image_url": {"url": image_host.url("/ok.png")}}
+    body = {
+        "model": "tiny",
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, *[part] * 4]}],
+    }
+    r = gw.post("/v1/chat/completions", key=key, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] | {"message": ""} == {
+        "message": "", "type": "invalid_request_error", "param": "messages[0].content[4]", "code": "invalid_media"
+    }  # fmt: skip
+    assert gw.final(r.headers["x-request-id"])["error_type"] == "media_too_many"
+    assert image_host.requests == [] and tripwire.calls == 0
+
+
+@pytest.mark.engine
 def test_only_listed_hosts_and_schemes_are_fetched(
     make_gateway: GatewayFactory, tripwire: SocketDouble, image_host: ImageHost
 ) -> None:
