@@ -8,7 +8,6 @@ import gc
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -17,14 +16,12 @@ from litestar import Litestar, Request, Response, get, post, route
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import Method
-from sqlalchemy import insert, update
 
 from engine.manifest import Verification
 from gateway import auditor, calls, connection_limits
 from gateway.errors import ErrorBody, ErrorEnvelope, InternalError
 from gateway.services import Services
 from gateway.settings import Settings
-from gateway.tables import gateway_heartbeat
 
 log = structlog.get_logger("bastion.app")
 
@@ -109,55 +106,10 @@ async def healthz() -> Response[bytes]:
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Ready: every model verified, every engine healthy, the audit store takes a
     write, and the rate-limit store answers (a gateway without it refuses every
-    call that has limits: a load balancer should send those calls elsewhere)."""
-    svc = _svc(request)
-    names = list(svc.upstreams)
-    healthy = await asyncio.gather(*(svc.forwarder.health(svc.upstreams[n]) for n in names))
-    engines = {n: ("healthy" if ok else "unhealthy") for n, ok in zip(names, healthy, strict=True)}
-    models = {n: svc.integrity.state(n).public() for n in names}
-    audit_ok, limits_ok = await asyncio.gather(_audit_store_writable(svc), svc.limiter.reachable())
-    checks = {
-        "engines": engines,
-        "models": models,
-        "audit_store": "writable" if audit_ok else "unwritable",
-        "rate_limit_store": "reachable" if limits_ok else "unreachable",
-    }
-    problems = [f"engine {n} unhealthy" for n, ok in engines.items() if ok != "healthy"]
-    problems += [f"model {n} {m['status']}" for n, m in models.items() if m["status"] in ("pending", "failed")]
-    if not audit_ok:
-        problems.append("audit store unwritable")
-    if not limits_ok:
-        problems.append("rate limit store unreachable")
-    if not problems:
-        return Response(msgspec.json.encode({"status": "ready", "checks": checks}), media_type="application/json")
-    body = {
-        "error": {
-            "message": "Not ready: " + "; ".join(problems),
-            "type": "api_error",
-            "param": None,
-            "code": "not_ready",
-        },
-        "checks": checks,
-    }
-    return Response(msgspec.json.encode(body), status_code=503, media_type="application/json")
-
-
-async def _audit_store_writable(svc: Services) -> bool:
-    now = datetime.now(UTC)
-    try:
-        async with asyncio.timeout(5):
-            async with svc.db.begin() as conn:
-                result = await conn.execute(
-                    update(gateway_heartbeat)
-                    .where(gateway_heartbeat.c.instance_id == svc.instance_id)
-                    .values(beat_at=now)
-                )
-                if result.rowcount == 0:
-                    await conn.execute(insert(gateway_heartbeat).values(instance_id=svc.instance_id, beat_at=now))
-    except Exception as exc:
-        log.warning("readyz.audit_store_unwritable", error=type(exc).__name__)
-        return False
-    return True
+    call that has limits: a load balancer should send those calls elsewhere).
+    One answer serves every probe for a second (gateway/readiness.py)."""
+    status, body = await _svc(request).readiness.answer()
+    return Response(body, status_code=status, media_type="application/json")
 
 
 def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:

@@ -29,6 +29,7 @@ from gateway.image_fetch import ImageFetcher
 from gateway.integrity import Integrity
 from gateway.keys import KeyStore, load_or_create_pepper
 from gateway.policies import PolicyWatch, limiter_for, load_or_refuse
+from gateway.readiness import Readiness
 from gateway.settings import ConfigError, Settings
 from policy import Policy, PolicyError, RateLimiter, load_policy
 
@@ -62,6 +63,11 @@ class Services:
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _periodic: asyncio.Task[None] | None = None
     _watch: asyncio.Task[None] | None = None
+    # What /readyz answers, checked at most once a second.
+    readiness: Readiness = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.readiness = Readiness(self)
 
     @classmethod
     async def start(cls, settings: Settings, preverified: dict[str, Verification] | None = None) -> Services:

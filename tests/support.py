@@ -260,6 +260,16 @@ class Gateway:
             time.sleep(0.1)
         raise AssertionError(f"gateway not up after {timeout}s:\n{self.log_path.read_text()}")
 
+    def readiness(self, until: Callable[[dict[str, Any]], bool], timeout: float = 10) -> httpx.Response:
+        """/readyz once its checks satisfy `until`: its probes of the engines and
+        stores may be up to a second old (gateway/readiness.py)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = httpx.get(self.url + "/readyz", timeout=10, verify=self.verify)
+            if until(r.json()["checks"]) or time.monotonic() > deadline:
+                return r
+            time.sleep(0.1)
+
     def model_states(self) -> dict[str, dict[str, Any]]:
         return httpx.get(self.url + "/readyz", timeout=10, verify=self.verify).json()["checks"]["models"]
 

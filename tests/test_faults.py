@@ -49,8 +49,31 @@ def test_engine_down_is_503_and_audited(make_gateway: GatewayFactory) -> None:
         (engine_url, "cannot connect to the engine: Connection refused")
     ]
     with _healthy_engine_at(int(engine_url.rsplit(":", 1)[1])):
-        assert httpx.get(gw.url + "/readyz").json()["checks"]["engines"] == {"m": "healthy"}
+        assert gw.readiness(lambda checks: checks["engines"] == {"m": "healthy"}).status_code == 200
     assert [x["engine_url"] for x in gw.log_events() if x["event"] == "engine.healthy"] == [engine_url]
+
+
+def test_readyz_asked_without_end_probes_at_most_once_a_second(make_gateway: GatewayFactory) -> None:
+    """/readyz takes no credential, and each answer probed every engine and
+    wrote a heartbeat to the audit store: a flood of it (670 a second here)
+    cut audited calls to a third."""
+    engine = SocketDouble("usage")  # answers /health with 200
+    try:
+        gw = make_gateway(engines=[EngineRef("m", engine.url, "k")])
+
+        def probes() -> int:
+            return sum(1 for line in engine.request_lines if line.startswith(b"GET /health"))
+
+        before, started = probes(), time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: httpx.get(gw.url + "/readyz", timeout=10), range(300)))
+        elapsed = time.monotonic() - started
+        assert {r.status_code for r in answers} == {200}
+        assert {r.json()["checks"]["audit_store"] for r in answers} == {"writable"}
+        # One run a second at most (and the one in flight when the burst began).
+        assert probes() - before <= elapsed + 2, (probes() - before, elapsed)
+    finally:
+        engine.close()
 
 
 @contextmanager
@@ -196,7 +219,8 @@ def _assert_refused_without_engine(gw: Gateway, key: str, engine: SocketDouble) 
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "audit_unavailable"
     assert engine.calls == 0, "the engine saw a call that was never audited"
-    assert httpx.get(gw.url + "/readyz").json()["checks"]["audit_store"] == "unwritable"
+    ready = gw.readiness(lambda checks: checks["audit_store"] == "unwritable")
+    assert ready.status_code == 503 and ready.json()["checks"]["audit_store"] == "unwritable"
 
 
 def _assert_reaches_engine(gw: Gateway, key: str, engine: SocketDouble) -> None:
