@@ -170,8 +170,14 @@ class Call:
         )
 
 
+# On every answer of a call: they hold prompts, completions and audit records,
+# which no cache on the way (a proxy, a browser) may keep (OWASP ASVS 8.2.1),
+# and a browser must not read as another type than the one sent.
+_PRIVATE = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
+
+
 def headers_for(call: Call, extra: dict[str, str] | None = None) -> dict[str, str]:
-    headers = {"x-request-id": call.request_id, **call.extra_headers}
+    headers = {"x-request-id": call.request_id, **_PRIVATE, **call.extra_headers}
     if extra:
         headers.update(extra)
     return headers
@@ -310,9 +316,7 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
             if stream.status == 200:
                 relay = _relay(svc, call, stream, body, lease, strip_usage=not summary.client_wants_usage)
                 lease = None  # the relay settles it when the stream ends
-                return Stream(
-                    relay, media_type="text/event-stream", headers=headers_for(call, {"cache-control": "no-cache"})
-                )
+                return Stream(relay, media_type="text/event-stream", headers=headers_for(call))
             try:
                 answer = await stream.read()
             finally:

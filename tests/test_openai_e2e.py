@@ -136,3 +136,30 @@ def test_readyz_reports_engine_and_audit_store(gw: Gateway) -> None:
     assert checks["engines"] == {"tiny": "healthy"} and checks["audit_store"] == "writable"
     assert checks["rate_limit_store"] == "reachable"
     assert checks["models"]["tiny"]["status"] == "verified" and checks["models"]["tiny"]["problems"] == []
+
+
+def test_no_answer_may_be_kept_by_a_cache_on_the_way(gw: Gateway) -> None:
+    """Answers hold prompts, completions and audit records (a decrypted prompt
+    among them): every one says `no-store` to proxies and browsers, and
+    `nosniff`. They carried neither; a stream said only `no-cache`."""
+    import httpx
+
+    key, auditor = gw.create_key(), gw.create_key(role="auditor")
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    answered = gw.post("/v1/chat/completions", key=key, json=chat)
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json={**chat, "stream": True},
+        headers={"authorization": f"Bearer {key}"}, timeout=30,
+    ) as streamed:  # fmt: skip
+        streamed.read()
+    for r in (
+        answered,
+        streamed,
+        gw.post("/v1/chat/completions", key="bst_nope_nope", json=chat),  # refused
+        gw.get("/v1/models", key=key),
+        gw.get("/admin/audit/events", key=auditor, params={"limit": 1}),
+        gw.get("/admin/audit/events/" + answered.headers["x-request-id"], key=auditor),
+        gw.get("/admin/audit/events", key=auditor, params={"format": "csv"}),
+    ):
+        assert r.headers.get("cache-control") == "no-store", (r.request.url, r.headers)
+        assert r.headers.get("x-content-type-options") == "nosniff", (r.request.url, r.headers)
