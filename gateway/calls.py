@@ -52,7 +52,7 @@ from gateway.policies import rate_headers
 from gateway.reasoning import event_without_reasoning, without_reasoning
 from gateway.services import Services
 from gateway.streaming import Stream
-from gateway.summary import URL, ImagePart, Kind, RequestSummary, body_for_engine, summarize
+from gateway.summary import URL, ImagePart, Kind, RequestSummary, body_for_engine, prefix_cache_salt, summarize
 from policy import Caller, Decision, Denial, Lease, LimiterUnavailable, MediaPart, Policy, Prompt, decide
 
 log = structlog.get_logger("bastion.call")
@@ -309,7 +309,12 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
             # released, takes this one to disk with it (gateway/audit/writer.py).
             await svc.audit.write(call.record("intent"), synced=summary.stream)
         payload = body_for_engine(
-            body, summary, max_tokens=decision.max_tokens, texts=decision.texts, image_urls=fetched
+            body,
+            summary,
+            max_tokens=decision.max_tokens,
+            texts=decision.texts,
+            image_urls=fetched,
+            cache_salt=prefix_cache_salt(g.prefix_cache_scope, principal.team, principal.key_id),
         )
         if summary.stream:
             stream = await svc.forwarder.open_stream(upstream, path, payload)

@@ -71,6 +71,11 @@ class GatewaySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # names the caller. Empty: the connection's peer is the caller, whatever
     # the headers say (gateway/client_address.py).
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    # Whose calls may reuse each other's cached prompt prefixes in the engine
+    # (vLLM's `cache_salt`, set by the gateway over any the caller sends): a
+    # cache hit answers faster, so a caller who shares a cache can time whether
+    # a prompt was sent by someone else. "team" (default), "key", or "shared".
+    prefix_cache_scope: Literal["team", "key", "shared"] = "team"
 
 
 class DatabaseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -8,6 +8,8 @@ OpenAI error's `param`.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
@@ -92,6 +94,7 @@ class ChatBody(msgspec.Struct, frozen=True):
     functions: msgspec.Raw = _NO_RAW
     documents: msgspec.Raw = _NO_RAW
     chat_template: msgspec.Raw = _NO_RAW
+    cache_salt: msgspec.Raw = _NO_RAW
 
 
 class CompletionBody(msgspec.Struct, frozen=True):
@@ -104,6 +107,7 @@ class CompletionBody(msgspec.Struct, frozen=True):
     n: Choices | None = None
     # vLLM's prompt as embeddings (with --enable-prompt-embeds): unreadable like token ids.
     prompt_embeds: msgspec.Raw = _NO_RAW
+    cache_salt: msgspec.Raw = _NO_RAW
 
 
 class RequestSummary(msgspec.Struct, frozen=True):
@@ -132,6 +136,9 @@ class RequestSummary(msgspec.Struct, frozen=True):
     # Where text reaches the prompt that `texts` does not hold (tools, tool
     # calls, template arguments), as JSON paths.
     unread: tuple[str, ...] = ()
+    # The body has a `cache_salt` key (however its name is escaped): the
+    # gateway's salt must replace it, not be spliced in beside it.
+    has_cache_salt: bool = False
 
     def prompt(self, media: tuple[MediaPart, ...] = ()) -> Prompt:
         """What policy reads of this request, with its media parts as checked."""
@@ -211,6 +218,7 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         return_reasoning=return_reasoning,
         thinking_fields=thinking_fields,
         unread=unread,
+        has_cache_salt=bytes(parsed.cache_salt) != b"",
     )
 
 
@@ -258,10 +266,14 @@ def body_for_engine(
     max_tokens: int | None = None,
     texts: tuple[str, ...] | None = None,
     image_urls: dict[str, str] | None = None,
+    cache_salt: str | None = None,
 ) -> bytes:
     """The bytes sent to the engine: the client's own, except where policy or
     the audit trail needs a change.
 
+    - `cache_salt` (the gateway's, see `prefix_cache_salt`) replaces any the
+      client sent; with none in the body it is spliced in after the opening
+      brace and nothing else is touched.
     - Every stream asks for usage, so its tokens always reach the audit trail.
       With no `stream_options` in the body the field is spliced in after the
       opening brace and nothing else is touched.
@@ -274,13 +286,18 @@ def body_for_engine(
       template; `return_reasoning` is the gateway's and is dropped.
     """
     wants_usage = summary.stream and not summary.client_wants_usage
-    if max_tokens is None and texts is None and not image_urls and not summary.thinking_fields:
-        if not wants_usage:
+    unchanged = max_tokens is None and texts is None and not image_urls and not summary.thinking_fields
+    if unchanged and not (cache_salt and summary.has_cache_salt) and not (wants_usage and summary.has_stream_options):
+        spliced = b'"cache_salt":' + msgspec.json.encode(cache_salt) + b"," if cache_salt else b""
+        if wants_usage:
+            spliced += b'"stream_options":{"include_usage":true},'
+        if not spliced:
             return body
-        if not summary.has_stream_options:
-            start = body.index(b"{") + 1
-            return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:]
+        start = body.index(b"{") + 1
+        return body[:start] + spliced + body[start:]
     data = msgspec.json.decode(body)
+    if cache_salt:
+        data["cache_salt"] = cache_salt
     if wants_usage:
         data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
     if max_tokens is not None:
@@ -297,6 +314,17 @@ def body_for_engine(
     if thinking is not None:
         data["chat_template_kwargs"] = {**(data.get("chat_template_kwargs") or {}), "enable_thinking": thinking}
     return msgspec.json.encode(data)
+
+
+@functools.lru_cache(maxsize=4096)
+def prefix_cache_salt(scope: str, team: str, key_id: str) -> str | None:
+    """The engine's `cache_salt` for a caller: calls with the same salt may
+    reuse each other's cached prompt prefixes, and only they. None: "shared".
+    Hex, as vLLM takes no `/`, `@` or `\\` in a salt."""
+    if scope == "shared":
+        return None
+    who = f"team:{team}" if scope == "team" else f"key:{key_id}"
+    return hashlib.sha256(b"bastion-prefix-cache:" + who.encode()).hexdigest()[:32]
 
 
 def _put_texts(data: dict[str, Any], kind: Kind, texts: Iterator[str]) -> None:
