@@ -222,7 +222,7 @@ async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Cal
         call.detail["auth"] = identity
     call.policy = svc.policy
     call.capture = call.policy.capture_for(principal.team, principal.key_id) or svc.settings.audit.capture
-    if cross_site(request.method, request.headers):
+    if cross_site(request.method, request.headers, reads_too=roles is not INFERENCE_ROLES):
         # After authentication, so the record names whose browser was used.
         raise Forbidden(
             f"A browser sent this request for a page of another site; {call.route} takes none.",

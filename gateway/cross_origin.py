@@ -9,6 +9,10 @@ site could never read an answer), so it refuses every such state-changing
 request, by the rule of Go's `net/http.CrossOriginProtection`: by
 `Sec-Fetch-Site`, which browsers have sent since 2023, else by `Origin`
 against `Host`. The SDKs and curl send neither header and are not affected.
+
+The admin and auditor routes refuse such reads too: what an auditor reads or
+runs there (a verification of the whole trail, an export) is recorded under
+their name, and a page of another site must not make one with an `<img>`.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from urllib.parse import urlsplit
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def cross_site(method: str, headers: Mapping[str, str]) -> bool:
-    """Whether a browser sent this state-changing request for a page of another origin."""
-    if method in _SAFE_METHODS:
+def cross_site(method: str, headers: Mapping[str, str], *, reads_too: bool = False) -> bool:
+    """Whether a browser sent this state-changing request (or, with
+    `reads_too`, any request) for a page of another origin."""
+    if method in _SAFE_METHODS and not reads_too:
         return False
     site = headers.get("sec-fetch-site")
     if site is not None:

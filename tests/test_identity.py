@@ -370,6 +370,7 @@ subject = "cn"
 team_prefix = "team:"
 [auth.mtls.mapping.roles]
 "bastion-users" = "user"
+"bastion-auditors" = "auditor"
 """
 
 
@@ -503,6 +504,19 @@ def test_a_page_of_another_site_cannot_call_with_the_browser_s_certificate(
     for browser in ({"sec-fetch-site": "same-origin"}, {"sec-fetch-site": "none"}, {"origin": gw.url}, {}):
         r = post(**browser)
         assert r.status_code == 200 and gw_final(gw, r)["outcome"] == "ok", (browser, r.text)
+
+    # The auditor's routes refuse reads too: an <img> on another site's page
+    # had an auditor's browser verify the whole trail, on record as the auditor's.
+    auditor = pki.issue("auditor", "ann-audit", ous=("team:audit", "bastion-auditors"))
+    as_auditor = {"x-ssl-client-cert": quote(auditor[0].read_text())}
+    img = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors", "sec-fetch-dest": "image"}
+    final = refused(gw, gw.get("/admin/audit/verify", headers=as_auditor | img), 403, "cross_site_request")
+    assert final["key_name"] == "ann-audit"
+    typed = gw.get("/admin/audit/verify", headers=as_auditor | {"sec-fetch-site": "none"})
+    assert typed.status_code == 200 and typed.json()["intact"] is True
+    # A user's reads of the model list stay open (nothing changes, nothing is exported).
+    listed = gw.get("/v1/models", headers={"x-ssl-client-cert": quote(good[0].read_text())} | img)
+    assert listed.status_code == 200, listed.text
 
 
 def test_certificate_names_by_kind(tmp_path: Path) -> None:
