@@ -109,7 +109,10 @@ def test_reasoning_is_returned_only_when_asked_for_and_allowed(gw: Gateway, stea
     thinker, plain = gw.create_key(team="thinkers"), gw.create_key(team="plain")
 
     asked = chat(gw, thinker, enable_thinking=True, return_reasoning=True, **steady).json()["choices"][0]["message"]
-    assert isinstance(asked["reasoning"], str) and asked["reasoning"]
+    # Its text may be empty: three random tokens can all be pieces of one
+    # character, which vLLM holds back (CI saw it once). What the gateway
+    # decides is whether the field reaches the caller.
+    assert isinstance(asked.get("reasoning"), str), asked
     not_asked = chat(gw, thinker, enable_thinking=True, **steady).json()["choices"][0]["message"]
     assert "reasoning" not in not_asked and "reasoning_content" not in not_asked
 
