@@ -25,7 +25,7 @@ from gateway.audit import query
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.capture import KeyringError, load_keyring, open_payload
 from gateway.audit.verify import verify_database
-from gateway.calls import Call, answer, authenticate, headers_for, refuse, refuse_unexpected
+from gateway.calls import Call, answer, authenticate, headers_for, refuse
 from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
 from gateway.services import Services
 from gateway.settings import ConfigError
@@ -64,10 +64,8 @@ async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any
         detail = {"action": "export", "format": fmt, "filter": f.public()}
         call.detail.update(detail)
         await svc.audit.write(call.final(outcome="ok", http_status=200))
-    except GatewayError as err:
-        return await refuse(svc, call, err)
-    except Exception:
-        return await refuse_unexpected(svc, call)
+    except Exception as exc:
+        return await refuse(svc, call, exc)
     media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
     headers = headers_for(call, {"content-disposition": f'attachment; filename="audit-export.{fmt}"'})
     rows = query.export(svc.db, f)
@@ -115,10 +113,8 @@ async def event(request: Request[Any, Any, Any], svc: Services, request_id: str)
         detail = {"action": action, "request_id": request_id, "parts": [p["part"] for p in payloads]}
         # `answer` makes the record durable first: a decryption is on record before the plaintext leaves.
         return await answer(svc, call, body, detail)
-    except GatewayError as err:
-        return await refuse(svc, call, err)
-    except Exception:
-        return await refuse_unexpected(svc, call)
+    except Exception as exc:
+        return await refuse(svc, call, exc)
 
 
 def _decrypt_into(
@@ -154,10 +150,8 @@ async def stats(request: Request[Any, Any, Any], svc: Services) -> Response[byte
         data = await query.stats(svc.db, f, bucket)  # type: ignore[arg-type]
         body = msgspec.json.encode({"object": "list", "bucket": bucket, "data": data})
         return await answer(svc, call, body, {"action": "stats", "bucket": bucket, "filter": f.public()})
-    except GatewayError as err:
-        return await refuse(svc, call, err)
-    except Exception:
-        return await refuse_unexpected(svc, call)
+    except Exception as exc:
+        return await refuse(svc, call, exc)
 
 
 async def verify(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
@@ -175,7 +169,5 @@ async def verify(request: Request[Any, Any, Any], svc: Services) -> Response[byt
             )
         summary = {"action": "verify", "intact": report.intact, "records": report.records}
         return await answer(svc, call, msgspec.json.encode(report.public()), summary)
-    except GatewayError as err:
-        return await refuse(svc, call, err)
-    except Exception:
-        return await refuse_unexpected(svc, call)
+    except Exception as exc:
+        return await refuse(svc, call, exc)

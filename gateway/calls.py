@@ -187,11 +187,14 @@ def error_response(call: Call, err: GatewayError) -> Response[bytes]:
     return Response(err.body(), status_code=err.status, media_type=JSON, headers=headers_for(call, err.headers()))
 
 
-async def refuse(svc: Services, call: Call, err: GatewayError) -> Response[bytes]:
+async def refuse(svc: Services, call: Call, exc: Exception) -> Response[bytes]:
     """Audit a call that ends in an error, then answer with that error.
 
-    If even that record cannot be written, the answer is 503 audit_unavailable.
+    Called in the `except Exception` block of every handler: a stage's own
+    `GatewayError` is answered as it is; anything else is `as_gateway_error`'s
+    500. If even that record cannot be written, the answer is 503 audit_unavailable.
     """
+    err = as_gateway_error(exc)
     if isinstance(err, Unauthenticated):
         call.claimed_key_id = err.claimed_key_id
     try:
@@ -201,17 +204,15 @@ async def refuse(svc: Services, call: Call, err: GatewayError) -> Response[bytes
     return error_response(call, err)
 
 
-def internal_error() -> GatewayError:
-    """What a call that raised what no stage expects (a bug, a database error)
-    is answered and audited with (500). Called in the `except` block: the
-    traceback is logged for the operator; the caller learns nothing of it."""
+def as_gateway_error(exc: Exception) -> GatewayError:
+    """The error a call is answered and audited with: a stage's own, or 500
+    internal_error for what no stage expects (a bug, a database error). Called
+    in the `except` block: the traceback is logged for the operator; the caller
+    learns nothing of it."""
+    if isinstance(exc, GatewayError):
+        return exc
     log.exception("call.internal_error")
     return InternalError("Internal gateway error.")
-
-
-async def refuse_unexpected(svc: Services, call: Call) -> Response[bytes]:
-    """`refuse` with `internal_error()`."""
-    return await refuse(svc, call, internal_error())
 
 
 async def authenticate(svc: Services, request: Request[Any, Any, Any], call: Call, roles: frozenset[str]) -> Principal:
@@ -329,10 +330,8 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
             return await _finish(svc, call, stream.status, body, answer)
         status, answer = await svc.forwarder.post(upstream, path, payload)
         return await _finish(svc, call, status, body, answer)
-    except GatewayError as err:
-        return await refuse(svc, call, err)
-    except Exception:
-        return await refuse_unexpected(svc, call)
+    except Exception as exc:
+        return await refuse(svc, call, exc)
     finally:
         if lease is not None:
             svc.spawn(settle(svc, lease, call.tokens_used))
@@ -577,7 +576,7 @@ async def _relay(
                 yield sent(event)
             outcome = "ok"
         except Exception as exc:  # not the client going away: that is a BaseException
-            err = exc if isinstance(exc, GatewayError) else internal_error()
+            err = as_gateway_error(exc)
             outcome, error_type, error_message = "error", err.audit_reason, err.message
             closing = _error_event(err)
         if closing is not None:
@@ -605,10 +604,8 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
     call = Call.begin(request, svc.proxies)
     try:
         principal = await authenticate(svc, request, call, INFERENCE_ROLES)
-    except GatewayError as err:
-        return await refuse(svc, call, err)
-    except Exception:
-        return await refuse_unexpected(svc, call)
+    except Exception as exc:
+        return await refuse(svc, call, exc)
     created = int(svc.started_at.timestamp())
     # Only the models this caller's policy allows (none without a policy).
     assert call.policy is not None, "authenticate() sets the call's policy"
@@ -624,10 +621,8 @@ async def verify_models(request: Request[Any, Any, Any], svc: Services) -> Respo
     try:
         await authenticate(svc, request, call, ADMIN_ROLES)
         await svc.integrity.verify_all("admin")
-    except GatewayError as err:
-        return await refuse(svc, call, err)
-    except Exception:
-        return await refuse_unexpected(svc, call)
+    except Exception as exc:
+        return await refuse(svc, call, exc)
     return await answer(
         svc, call, msgspec.json.encode({"models": {n: s.public() for n, s in svc.integrity.states.items()}})
     )
