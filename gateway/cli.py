@@ -46,6 +46,7 @@ from gateway.clikit import (
 )
 from gateway.keys import ROLES, KeyStore, load_or_create_pepper
 from gateway.settings import ConfigError, Settings
+from gateway.utc import parse_utc
 
 ENGINE_DIR = Path(__file__).resolve().parent.parent / "engine"
 DEMO_NAME = "smollm2"
@@ -240,9 +241,7 @@ def _parse_expiry(expires_in: str | None, expires_at: str | None) -> datetime | 
             raise UsageProblem("--expires-in is past the year 9999") from None
     if expires_at:
         try:
-            when = datetime.fromisoformat(expires_at)
-            # Stored in UTC: SQLite keeps no zone, and would read a +05:00 time as UTC.
-            return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+            return parse_utc(expires_at)
         except ValueError:
             raise UsageProblem("--expires-at takes an ISO 8601 time, e.g. 2027-01-31T00:00:00Z") from None
         except OverflowError:

@@ -11,7 +11,6 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -32,6 +31,7 @@ from gateway.db import run_with_engine
 from gateway.services import load_signer
 from gateway.settings import ConfigError, Settings
 from gateway.trust import audit_verify_keys
+from gateway.utc import parse_utc
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -232,9 +232,7 @@ def prune_cmd(config_path: Path, before: str, yes: bool, as_json: bool) -> None:
     """Delete old records in whole checkpointed segments; the rest stays verifiable."""
     settings = settings_from(config_path)
     try:
-        cut = datetime.fromisoformat(before)
-        # Compared in UTC: SQLite keeps no zone, and would compare a +05:00 time's clock as UTC.
-        cut = cut.astimezone(UTC) if cut.tzinfo else cut.replace(tzinfo=UTC)
+        cut = parse_utc(before)
     except ValueError:
         raise UsageProblem("--before takes an ISO 8601 date or time, e.g. 2026-01-01") from None
     except OverflowError:

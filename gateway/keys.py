@@ -30,6 +30,7 @@ from engine.secret_files import ensure_secret_file
 from gateway.errors import KeyStoreUnavailable, Unauthenticated
 from gateway.hotpath import AsyncHotPath, HotPath
 from gateway.tables import api_keys
+from gateway.utc import as_utc
 
 Role = Literal["user", "auditor", "admin"]
 ROLES: tuple[Role, ...] = ("user", "auditor", "admin")
@@ -121,10 +122,7 @@ def _now() -> datetime:
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands timestamps back without a zone; they were written in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
+    return None if value is None else as_utc(value)
 
 
 class KeyStore:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.audit.record import iso, stored_text
 from gateway.errors import BadRequest
 from gateway.tables import audit_payloads, audit_records
+from gateway.utc import as_utc
 
 EVENT_FIELDS: tuple[str, ...] = tuple(c.name for c in audit_records.columns)
 Bucket = Literal["minute", "hour", "day"]
@@ -76,9 +77,8 @@ class EventFilter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 def _utc(value: datetime, name: str) -> datetime:
-    # Stored times are UTC; SQLite compares them as text, so bind UTC too.
     try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return as_utc(value)
     except OverflowError:  # 0001-01-01T00:00+05:00 is before year 1 in UTC
         raise QueryError(f"{name} must be a time from year 1 to 9999 in UTC.") from None
 
