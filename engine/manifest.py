@@ -245,18 +245,27 @@ def signature_path(manifest_path: Path) -> Path:
     return Path(str(manifest_path) + ".sig")
 
 
+def write_manifest(manifest: Manifest, manifest_path: Path) -> bytes:
+    """Write a manifest in canonical form; returns its bytes.
+
+    Whole or not at all (`replace_file`): a full disk, or a gateway re-verifying
+    while an operator re-signs, finds the old manifest or the new, never half of
+    one. World-readable: a manifest names files and hashes, nothing secret."""
+    data = canonical(manifest)
+    replace_file(manifest_path, data, 0o644)
+    return data
+
+
 def write_signature(manifest_path: Path, data: bytes, key: Ed25519PrivateKey) -> Signature:
-    """Sign a manifest's bytes and write MANIFEST.sig beside it."""
+    """Sign a manifest's bytes and write MANIFEST.sig beside it, whole or not at all."""
     sig = sign(data, key)
-    signature_path(manifest_path).write_bytes(msgspec.json.encode(sig))
+    replace_file(signature_path(manifest_path), msgspec.json.encode(sig), 0o644)
     return sig
 
 
 def write_signed(manifest: Manifest, manifest_path: Path, key: Ed25519PrivateKey) -> Signature:
     """Write a manifest in canonical form and its signature."""
-    data = canonical(manifest)
-    manifest_path.write_bytes(data)
-    return write_signature(manifest_path, data, key)
+    return write_signature(manifest_path, write_manifest(manifest, manifest_path), key)
 
 
 def _path_problems(files: list[ManifestFile]) -> list[Problem]:

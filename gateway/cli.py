@@ -372,7 +372,7 @@ def manifest_create(config_path: Path, directory: str, out: str, name: str | Non
             )
         except ValueError as exc:
             raise CheckFailed(str(exc)) from None
-    Path(out).write_bytes(manifest.canonical(m))
+    manifest.write_manifest(m, Path(out))
     click.echo(f"wrote {out}: {len(m.files)} files, {sum(f.size for f in m.files)} bytes")
 
 

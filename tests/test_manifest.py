@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from engine import manifest as m
-from tests.support import bastion
+from tests.support import BASTION, bastion
 
 NAME = "demo"
 
@@ -236,6 +238,34 @@ def test_sign_refuses_a_manifest_that_is_not_canonical(tmp_path: Path) -> None:
     bastion("manifest", "create", str(folder), "--out", str(man))
     man.write_text(json.dumps(json.loads(man.read_text()), indent=2))
     assert bastion("manifest", "sign", str(man), "--key", str(key), check=False).returncode == 1
+
+
+def test_a_failed_rewrite_keeps_the_signed_manifest_whole(tmp_path: Path) -> None:
+    """Rewriting a manifest and its signature on a full disk (a real one: the
+    process's file-size limit, so every write past 100 bytes fails with EFBIG)
+    leaves the old files whole and verifying, and no temporary file behind."""
+    folder = make_model(tmp_path)
+    key = tmp_path / "k"
+    bastion("signing-key", "create", "--out", str(key))
+    man = tmp_path / "m.json"
+    bastion("manifest", "create", str(folder), "--out", str(man), "--name", NAME)
+    bastion("manifest", "sign", str(man), "--key", str(key))
+    before = sorted(tmp_path.iterdir())
+    kept = man.read_bytes(), m.signature_path(man).read_bytes()
+
+    def full_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+    for args in (
+        ["manifest", "create", str(folder), "--out", str(man)],
+        ["manifest", "sign", str(man), "--key", str(key)],
+    ):
+        failed = subprocess.run([BASTION, *args], capture_output=True, text=True, preexec_fn=full_disk, check=False)
+        assert failed.returncode != 0 and "File too large" in failed.stderr
+    assert (man.read_bytes(), m.signature_path(man).read_bytes()) == kept
+    assert sorted(tmp_path.iterdir()) == before
+    verify = ["manifest", "verify", str(folder), "--manifest", str(man), "--trusted-key", str(key) + ".pub"]
+    assert json.loads(bastion(*verify, "--model", NAME, "--json").stdout)["ok"]
 
 
 def test_copy_of_model_keeps_verifying(signed: Signed, tmp_path: Path) -> None:
