@@ -102,13 +102,19 @@ def key_id_of(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def create_signing_key(out: Path) -> str:
-    """Write an Ed25519 private key (PEM, 0600) to `out` and its public key to `out.pub`."""
-    key = Ed25519PrivateKey.generate()
+def pem_pair(key: Ed25519PrivateKey) -> tuple[bytes, bytes]:
+    """The private key (PKCS8) and its public key (SubjectPublicKeyInfo), as PEM."""
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, public
+
+
+def create_signing_key(out: Path) -> str:
+    """Write an Ed25519 private key (PEM, 0600) to `out` and its public key to `out.pub`."""
+    key = Ed25519PrivateKey.generate()
+    private, public = pem_pair(key)
     out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # The private key is the commit point: whole or absent, never an empty file
     # that a crash or a full disk left behind and a rerun would then keep.

@@ -124,7 +124,7 @@ def _internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes
 
 
 def _on_sighup(callback: Callable[[], None]) -> None:
-    """SIGHUP reloads the keyring and the policy and re-verifies every model
+    """SIGHUP reloads the keyring, the audit signing key and the policy and re-verifies every model
     (where signals can be handled: the main thread)."""
     try:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
@@ -143,6 +143,7 @@ def create_app(settings: Settings, preverified: dict[str, Verification] | None =
         _on_sighup(
             lambda: (
                 svc.reload_keyring(),
+                svc.reload_signer(),
                 svc.spawn(svc.reload_policy("sighup")),
                 svc.spawn(svc.integrity.verify_all("sighup")),
             )

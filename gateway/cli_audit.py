@@ -24,9 +24,19 @@ from gateway.audit import query
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.capture import rotate_keyring
 from gateway.audit.prune import prune
+from gateway.audit.signing_keys import Rotation, history_folder, public_key_path, rotate
 from gateway.audit.verify import Report, verify_database
 from gateway.cli_record import record_action
-from gateway.clikit import UsageProblem, config_option, console, echo_json, err_console, settings_from, shown
+from gateway.clikit import (
+    CheckFailed,
+    UsageProblem,
+    config_option,
+    console,
+    echo_json,
+    err_console,
+    settings_from,
+    shown,
+)
 from gateway.db import run_with_engine
 from gateway.services import load_signer
 from gateway.settings import ConfigError, Settings
@@ -267,3 +277,45 @@ def keyring_rotate(config_path: Path) -> None:
     key_id = rotate_keyring(settings.audit_keyring_file)
     record_action(settings, "audit.keyring_rotate", {"key_id": key_id})
     click.echo(f"active payload key {key_id}; restart or reload the gateway to use it")
+
+
+@audit.group("signing-key")
+def signing_key() -> None:
+    """The key that signs the trail's checkpoints."""
+
+
+@signing_key.command("rotate")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the old and new key ids as JSON.")
+def signing_key_rotate(config_path: Path, as_json: bool) -> None:
+    """Replace the audit signing key; the old one's public key stays trusted for what it signed."""
+    settings = settings_from(config_path)
+    key = settings.audit_signing_key
+
+    def record(r: Rotation) -> None:
+        # Signed by the old key, before anything changes: a rotation not on record is not done.
+        record_action(settings, "audit.signing_key_rotate", {"old_key_id": r.old_key_id, "new_key_id": r.new_key_id})
+
+    try:
+        rotation = rotate(key, record)
+    except FileNotFoundError:
+        raise UsageProblem(f"audit signing key {key} not found (run `bastion init`)") from None
+    except ValueError as exc:
+        raise CheckFailed(f"cannot load the audit signing key {key}: {exc}") from None
+    untrusted = settings.audit.trusted_keys and all(
+        k.key_id != rotation.new_key_id for k in settings.audit.trusted_keys
+    )
+    if as_json:
+        echo_json(
+            {"old_key_id": rotation.old_key_id, "new_key_id": rotation.new_key_id, "history": str(history_folder(key))}
+        )
+    else:
+        click.echo(
+            f"audit signing key {rotation.new_key_id} replaces {rotation.old_key_id} (kept in {history_folder(key)})"
+        )
+        click.echo("reload the gateway (SIGHUP) or restart it to sign with the new key")
+    if untrusted:
+        err_console.print(
+            f"warning: audit.trusted_keys does not list {rotation.new_key_id}: add "
+            f"{public_key_path(key)} there, or verify will call what it signs unknown_key"
+        )

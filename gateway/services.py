@@ -180,6 +180,19 @@ class Services:
             return
         log.info("keyring.reloaded", active=self.sealer.ring.active if self.sealer else None)
 
+    def reload_signer(self) -> None:
+        """Sign this stream's next checkpoints with a rotated audit key (SIGHUP);
+        a key that cannot be loaded keeps the old one in use."""
+        try:
+            signer = load_signer(self.settings)
+        except ConfigError as exc:
+            log.error("audit_key.reload_failed", error=str(exc))
+            return
+        if signer.key_id != self.audit.chain.signer.key_id:
+            # Between two batches: link() runs whole on the loop, so no batch is signed by both.
+            self.audit.chain.signer = signer
+            log.info("audit_key.reloaded", key_id=signer.key_id)
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run work that must finish even if the request that started it is cancelled."""
         task: asyncio.Task[Any] = asyncio.create_task(coro)

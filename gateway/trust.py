@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from engine.manifest import key_id_of, load_public_key
+from gateway.audit.signing_keys import own_public_keys
 from gateway.settings import ConfigError, Settings, TrustedKey
 
 
@@ -27,12 +27,11 @@ def load_trusted(settings: Settings, entries: Iterable[TrustedKey], what: str) -
 
 
 def audit_verify_keys(settings: Settings) -> dict[str, Ed25519PublicKey]:
-    """Keys trusted for audit checkpoints: `audit.trusted_keys`, else the signing key's own .pub."""
+    """Keys trusted for audit checkpoints: `audit.trusted_keys`, else the signing
+    key's own .pub and those of the keys it replaced (`signing_keys.own_public_keys`)."""
     if settings.audit.trusted_keys:
         return load_trusted(settings, settings.audit.trusted_keys, "audit key")
-    pub = Path(str(settings.audit_signing_key) + ".pub")
     try:
-        key = load_public_key(pub)
+        return own_public_keys(settings.audit_signing_key)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load the audit public key {pub}: {exc}") from None
-    return {key_id_of(key): key}
+        raise ConfigError(f"cannot load the audit public keys of {settings.audit_signing_key}: {exc}") from None

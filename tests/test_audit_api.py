@@ -4,11 +4,14 @@ filters and pagination, exports, stats, verification, payload capture and decryp
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
 import os
+import resource
 import signal
+import sqlite3
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta, timezone
@@ -239,6 +242,65 @@ def test_cli_query_export_stats_and_prune_are_audited(gw: Gateway) -> None:
     remaining = gw.records()
     assert all(r["request_id"] not in ids for r in remaining)
     assert {r["route"] for r in remaining} >= {"cli.audit.prune", "cli.audit.verify"}
+
+
+def test_a_rotated_signing_key_keeps_the_trail_verifiable(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> None:
+    gw = make_gateway(engines=[vllm_engine], audit={"checkpoint_every": 2})
+    user, auditor = gw.create_key(), gw.create_key(role="auditor")
+    for _ in range(2):
+        chat(gw, user)
+    key = gw.config.parent / "state" / "secrets" / "audit-signing.key"
+    kept = key.read_bytes()
+    rotation = json.loads(gw.bastion("audit", "signing-key", "rotate", "--json").stdout)
+    old, new = rotation["old_key_id"], rotation["new_key_id"]
+    assert key.read_bytes() != kept and key.stat().st_mode & 0o777 == 0o600
+    (recorded,) = [r for r in gw.records() if r["route"] == "cli.audit.signing_key_rotate"]
+    assert json.loads(recorded["detail"]) == {"old_key_id": old, "new_key_id": new}
+
+    # The gateway signs with the new key once reloaded; the trail holds both.
+    assert gw.proc is not None
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    time.sleep(1)
+    for _ in range(3):
+        chat(gw, user)
+    database = gw.database_url.removeprefix("sqlite+aiosqlite:///")
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        signers = {k for (k,) in db.execute("SELECT key_id FROM audit_checkpoints WHERE stream_id = ?", (_stream(gw),))}
+    assert signers == {old, new}
+    report = gw.get("/admin/audit/verify", key=auditor).json()
+    assert report["intact"] is True, report
+    assert json.loads(gw.bastion("audit", "verify", "--json").stdout)["intact"] is True
+
+    # Without the history, what the old key signed is signed by a key nobody trusts.
+    history = key.with_name(key.name + ".history")
+    assert sorted(p.name for p in history.iterdir()) == sorted([f"{old}.pub", f"{new}.pub"])
+    history.rename(history.with_name("moved"))
+    cli = gw.bastion("audit", "verify", "--json", check=False)
+    assert cli.returncode == 1
+    assert {s["first_problem"]["kind"] for s in json.loads(cli.stdout)["streams"] if not s["intact"]} == {"unknown_key"}
+    history.with_name("moved").rename(history)
+
+    # A rotation that cannot be put on record (the trail's files may not grow:
+    # a full disk) is not done.
+    kept = key.read_bytes()
+
+    def full_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+
+    failed = subprocess.run(
+        [BASTION, "audit", "signing-key", "rotate", "--config", str(gw.config)],
+        capture_output=True,
+        text=True,
+        preexec_fn=full_disk,
+        check=False,
+    )
+    assert failed.returncode == 1 and "could not be audited" in failed.stderr, failed.stderr
+    assert key.read_bytes() == kept and len(list(history.iterdir())) == 2
+
+
+def _stream(gw: Gateway) -> str:
+    """The gateway's own audit stream (the one its chat calls are on)."""
+    return next(r["stream_id"] for r in gw.records() if r["route"] == "/v1/chat/completions")
 
 
 def test_relaxed_mode_writes_one_record_after_the_call(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> None:
