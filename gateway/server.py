@@ -83,11 +83,15 @@ def worker_app(settings: Settings, preverified: dict[str, Verification] | None) 
 def serve(settings: Settings, preverified: dict[str, Verification] | None = None) -> bool:
     """Serve until stopped (SIGINT or SIGTERM); False if the gateway never started."""
     config = uvicorn_config(settings, preverified)
+    # The socket is bound here, however many workers: left to uvicorn, one
+    # worker's would be asyncio's, which on "::" takes IPv6 only, while several
+    # share this one, which takes IPv4 too. It listens once the app has started.
+    sock = config.bind_socket()
     if config.workers == 1:
         server = uvicorn.Server(config)
-        server.run()
+        server.run(sockets=[sock])
         return server.started
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor = Multiprocess(config, sockets=[sock])
     supervisor.run()
     # The supervisor stops everything when a worker cannot start (it would fail again).
     return all(p.exitcode != STARTUP_FAILURE for p in supervisor.processes)

@@ -95,15 +95,17 @@ teams:
 """
 
 
-def test_ipv4_clients_of_a_socket_on_all_ipv6_addresses_are_ipv4(make_gateway: GatewayFactory) -> None:
-    """Several workers share a socket bound by uvicorn, which on `::` takes
-    IPv4 too and sees each IPv4 client as `::ffff:a.b.c.d`. Every IPv4 network
-    of the operator's (policy `clients`, trusted proxies) refused them all."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ipv4_clients_of_a_socket_on_all_ipv6_addresses_are_ipv4(make_gateway: GatewayFactory, workers: int) -> None:
+    """A socket on `::` takes IPv4 too, however many workers share it (one
+    worker's was asyncio's, IPv6 only: IPv4 clients were refused a connection),
+    and sees each IPv4 client as `::ffff:a.b.c.d`. Every IPv4 network of the
+    operator's (policy `clients`, trusted proxies) refused them all."""
     engine = SocketDouble("usage")
     try:
         gw = make_gateway(
             engines=[EngineRef("m", engine.url, "k")],
-            gateway={"host": "::", "workers": 2, "trusted_proxies": ["127.0.0.1/32"]},
+            gateway={"host": "::", "workers": workers, "trusted_proxies": ["127.0.0.1/32"]},
             policy=MAPPED_POLICY,
             policy_settings={"rate_limits": {"backend": "redis"}},
         )
@@ -116,5 +118,6 @@ def test_ipv4_clients_of_a_socket_on_all_ipv6_addresses_are_ipv4(make_gateway: G
         # The trusted proxy is recognised too: its X-Forwarded-For is believed.
         r = gw.get("/v1/models", key=key, headers={"x-forwarded-for": "198.51.100.1"})
         assert gw.final(r.headers["x-request-id"])["client_addr"] == "198.51.100.1"
+        assert httpx.get(f"http://[::1]:{gw.port}/healthz").status_code == 200
     finally:
         engine.close()
