@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def write_secret_file(path: Path, data: bytes) -> None:
@@ -45,12 +46,30 @@ def ensure_secret_file(path: Path, make: Callable[[], bytes]) -> None:
 
 def replace_file(path: Path, data: bytes, mode: int) -> None:
     """Write `path` whole with `mode`: a reader sees the old bytes or the new, never a part."""
-    tmp = _synced_temporary(path, data)
+    with replacing(path, mode) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def replacing(path: Path, mode: int) -> Iterator[BinaryIO]:
+    """A file to write `path` through, as it is made (an export of any size).
+
+    It is a new file beside `path` (0600 until done); when the block ends it is
+    fsynced, given `mode` and renamed over `path`. If the block raises, or a
+    write fails (a full disk), it is removed: `path` is as it was, or absent,
+    never a part that looks whole.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        with open(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     fsync_folder(path.parent)
 

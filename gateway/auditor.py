@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import csv
 import hashlib
-import io
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -69,25 +66,7 @@ async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any
     media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
     headers = headers_for(call, {"content-disposition": f'attachment; filename="audit-export.{fmt}"'})
     rows = query.export(svc.db, f)
-    return Stream(_jsonl(rows) if fmt == "jsonl" else _csv(rows), media_type=media, headers=headers)
-
-
-async def _jsonl(rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    async for row in rows:
-        yield msgspec.json.encode(row) + b"\n"
-
-
-async def _csv(rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=query.EVENT_FIELDS)
-    writer.writeheader()
-    async for row in rows:
-        writer.writerow(query.csv_cells(row))
-        if out.tell() > 64 * 1024:
-            yield out.getvalue().encode()
-            out.seek(0)
-            out.truncate()
-    yield out.getvalue().encode()
+    return Stream(query.encoded(rows, fmt), media_type=media, headers=headers)  # type: ignore[arg-type]
 
 
 async def event(request: Request[Any, Any, Any], svc: Services, request_id: str) -> Response[bytes]:

@@ -8,18 +8,17 @@ API, each command is itself audited before it shows anything
 from __future__ import annotations
 
 import functools
-import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TypeVar
 
 import click
-import msgspec
 from rich.table import Table
 from rich.text import Text
 
 from engine.manifest import key_id_of, load_public_key
+from engine.secret_files import replacing
 from gateway.audit import query
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.capture import rotate_keyring
@@ -181,34 +180,36 @@ def query_cmd(
 )
 def export_cmd(config_path: Path, event_filter: query.EventFilter, fmt: str, out: str | None) -> None:
     """Every matching record, oldest first, as JSON lines or CSV."""
-    import csv
-
     settings = settings_from(config_path)
     record_action(settings, "audit.export", {"filter": event_filter.public(), "format": fmt, "out": out})
+    count = 0
 
-    async def go(engine: Any) -> int:
-        count = 0
-        sink: TextIO = sys.stdout
-        if out:
-            # A new export file is the owner's alone (0600): it names keys, teams and client addresses.
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            sink = open(fd, "w", newline="")  # noqa: SIM115 - closed below
-        try:
-            writer = csv.DictWriter(sink, fieldnames=query.EVENT_FIELDS) if fmt == "csv" else None
-            if writer:
-                writer.writeheader()
-            async for row in query.export(engine, event_filter):
-                if writer:
-                    writer.writerow(query.csv_cells(row))
-                else:
-                    sink.write(msgspec.json.encode(row).decode() + "\n")
-                count += 1
-        finally:
-            if out:
-                sink.close()
-        return count
+    async def counted(rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        nonlocal count
+        async for row in rows:
+            count += 1
+            yield row
 
-    count = _with_engine(settings, go)
+    async def go(engine: Any) -> None:
+        chunks = query.encoded(counted(query.export(engine, event_filter)), fmt)  # type: ignore[arg-type]
+        if not out:
+            async for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            return
+        # Written whole: an export that fails part way (the database, a full
+        # disk) leaves no file that looks complete, and an earlier OUT as it
+        # was. 0600: it names keys, teams and client addresses.
+        with replacing(Path(out), 0o600) as sink:
+            async for chunk in chunks:
+                sink.write(chunk)
+
+    try:
+        _with_engine(settings, go)
+    except OSError as exc:
+        if not out:
+            raise
+        raise CheckFailed(f"the export to {out} failed after {count} records ({exc}); {out} was not written") from None
     err_console.print(f"{count} records exported")
 
 

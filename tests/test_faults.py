@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.server
 import json
+import resource
 import secrets
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 
 from gateway.forward import error_of, usage_of
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef, Gateway, SocketDouble, TcpProxy, free_port
+from tests.support import BASTION, EngineRef, Gateway, SocketDouble, TcpProxy, free_port
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -363,6 +364,41 @@ def test_sqlite_file_made_read_only_refuses_calls(make_gateway: GatewayFactory, 
     with immutable([db, db.with_name(db.name + "-wal")]):
         _assert_refused_without_engine(gw, key, tripwire)
     _assert_reaches_engine(gw, key, tripwire)
+
+
+@pytest.mark.postgres
+def test_an_export_that_fails_part_way_leaves_no_file_that_looks_whole(
+    make_gateway: GatewayFactory, fresh_pg_url: str, tmp_path: Path
+) -> None:
+    """`audit export -o` on a disk that fills up part way (a real one: the
+    process's file-size limit) used to leave the lines written so far under the
+    export's name, a file an auditor could take for the whole trail."""
+    engine = SocketDouble("usage")
+    try:
+        gw = make_gateway(engines=[EngineRef("m", engine.url, "k")], database_url=fresh_pg_url)
+        key = gw.create_key()
+        for _ in range(60):
+            assert gw.post("/v1/chat/completions", json=CHAT, key=key).status_code == 200
+    finally:
+        engine.close()
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    earlier = exports / "trail.jsonl"
+    gw.bastion("audit", "export", "-o", str(earlier))
+    kept = earlier.read_bytes()
+    # Room for the CLI's own records in the anchor file, not for the export.
+    limit = (gw.config.parent / "state" / "audit-anchor.jsonl").stat().st_size + 16 * 1024
+    assert len(kept) > limit
+
+    def full_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    for target in (earlier, exports / "new.csv"):
+        args = ["audit", "export", "--config", str(gw.config), "-o", str(target), "--format", target.suffix[1:]]
+        failed = subprocess.run([BASTION, *args], capture_output=True, text=True, preexec_fn=full_disk, check=False)
+        assert failed.returncode == 1 and "was not written" in failed.stderr, failed.stderr
+    assert sorted(exports.iterdir()) == [earlier] and earlier.read_bytes() == kept
+    assert earlier.stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.postgres

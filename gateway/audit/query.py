@@ -10,6 +10,8 @@ oldest first in the same keyset steps, so memory stays flat for any size.
 from __future__ import annotations
 
 import base64
+import csv
+import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -175,6 +177,25 @@ async def export(engine: AsyncEngine, f: EventFilter, *, chunk: int = 2000) -> A
         if len(rows) < chunk:
             return
         after = (rows[-1].started_at, rows[-1].id)
+
+
+async def encoded(rows: AsyncIterator[dict[str, Any]], fmt: Literal["jsonl", "csv"]) -> AsyncIterator[bytes]:
+    """An export's bytes: JSON lines, or CSV with a header (`csv_cells`), in chunks of about 64 KiB."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=EVENT_FIELDS) if fmt == "csv" else None
+    if writer:
+        writer.writeheader()
+    async for row in rows:
+        if writer:
+            writer.writerow(csv_cells(row))
+        else:
+            out.write(msgspec.json.encode(row).decode())
+            out.write("\n")
+        if out.tell() > 64 * 1024:
+            yield out.getvalue().encode()
+            out.seek(0)
+            out.truncate()
+    yield out.getvalue().encode()
 
 
 async def call_records(engine: AsyncEngine, request_id: str) -> tuple[list[dict[str, Any]], list[Any]]:
