@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import unicodedata
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from engine.secret_files import ensure_secret_file
 from gateway.errors import KeyStoreUnavailable, Unauthenticated
 from gateway.hotpath import AsyncHotPath, HotPath
-from gateway.tables import api_keys
+from gateway.tables import LABEL_WIDTH, api_keys
 from gateway.utc import as_utc
 
 Role = Literal["user", "auditor", "admin"]
@@ -125,6 +126,17 @@ def _aware(value: datetime | None) -> datetime | None:
     return None if value is None else as_utc(value)
 
 
+def _check_label(what: str, value: str) -> None:
+    """A key's name and team are recorded whole, and shown as plain text: at
+    most `LABEL_WIDTH` characters (SQLite took more, which the trail then cut
+    and PostgreSQL refused), none of them control or invisible formatting
+    characters (an escape sequence, a right-to-left override)."""
+    if len(value) > LABEL_WIDTH:
+        raise ValueError(f"the key's {what} is longer than {LABEL_WIDTH} characters")
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in value):
+        raise ValueError(f"the key's {what} holds a control or formatting character")
+
+
 class KeyStore:
     """Key management over the async engine; look-ups on the call path go through `hot`."""
 
@@ -140,6 +152,8 @@ class KeyStore:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         if can_decrypt and role != "auditor":
             raise ValueError("only auditor keys may decrypt captured payloads")
+        _check_label("name", name)
+        _check_label("team", team)
         if expires_at is not None and expires_at.utcoffset() != timedelta(0):
             # SQLite stores a time's fields without its zone: anything but UTC
             # would be read back hours off, and the key expire at the wrong time.

@@ -25,14 +25,18 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+# Key names and teams are recorded in every record of a key's calls: as wide
+# here as there, so a key holds none the trail would have to cut.
+LABEL_WIDTH = 200
+
 api_keys = Table(
     "api_keys",
     metadata,
     # The visible part of the key (`bst_<key_id>_<secret>`); safe to log and show.
     Column("key_id", String(32), primary_key=True),
-    Column("name", String(200), nullable=False),
+    Column("name", String(LABEL_WIDTH), nullable=False),
     Column("role", String(16), nullable=False),
-    Column("team", String(200), nullable=False, server_default=""),
+    Column("team", String(LABEL_WIDTH), nullable=False, server_default=""),
     # HMAC-SHA256 of the secret part under the gateway's pepper, hex.
     Column("secret_hash", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
@@ -62,8 +66,8 @@ audit_records = Table(
     Column("ended_at", DateTime(timezone=True), nullable=True),
     Column("auth_method", String(16), nullable=True),
     Column("key_id", String(32), nullable=True),
-    Column("key_name", String(200), nullable=True),
-    Column("team", String(200), nullable=True),
+    Column("key_name", String(LABEL_WIDTH), nullable=True),
+    Column("team", String(LABEL_WIDTH), nullable=True),
     Column("role", String(16), nullable=True),
     Column("client_addr", String(64), nullable=True),
     Column("method", String(8), nullable=False),

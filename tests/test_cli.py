@@ -78,6 +78,11 @@ def test_keys_create_list_revoke_with_json(tmp_path: Path) -> None:
         (["keys", "create", "--name", "x", "--expires-in", "soon"], ""),
         (["keys", "create", "--name", "x", "--expires-in", "99999999999d"], ""),  # was a traceback
         (["keys", "create", "--name", "x", "--expires-at", "9999-12-31T23:59:59-05:00"], ""),  # year 10000 in UTC
+        # Names and teams the trail would cut, or a terminal would obey.
+        (["keys", "create", "--name", "x" * 201], ""),
+        (["keys", "create", "--name", "x", "--team", "t" * 201], ""),
+        (["keys", "create", "--name", "x", "--team", "risk\x1b[8m"], ""),
+        (["keys", "create", "--name", "invoice\u202egpj.exe"], ""),
         (["no-such-command"], ""),
     ],
 )
