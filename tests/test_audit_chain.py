@@ -13,7 +13,7 @@ import multiprocessing
 import resource
 import secrets
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -280,16 +280,11 @@ def test_a_lost_anchor_file_fails_verification(trail: Trail, tmp_path: Path) -> 
     assert [p.kind for p in report.trail_problems] == [Kind.ANCHOR_MISSING]
 
 
-def _append_on_a_filling_disk(path: str, queue: Any) -> None:
-    # A soft RLIMIT_FSIZE makes write(2) stop at 150 bytes, in the middle of
-    # the first line, and refuse the next write (EFBIG), as a disk filling up
-    # would; raising the limit again is the operator freeing space.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    anchor = AnchorFile(Path(path))
+def _points(stream_id: str, seqs: Iterable[int]) -> list[Checkpoint]:
     signed_at = datetime.now(UTC)
-    points = [
+    return [
         Checkpoint(
-            stream_id="s",
+            stream_id=stream_id,
             seq=seq,
             record_hash="ab" * 32,
             signed_at=signed_at,
@@ -297,32 +292,56 @@ def _append_on_a_filling_disk(path: str, queue: Any) -> None:
             key_id="k",
             signature="c2ln",
         )
-        for seq in (10, 20, 30, 40)
+        for seq in seqs
     ]
+
+
+def _append_on_a_filling_disk(path: str, queue: Any, other_appended: Any) -> None:
+    # A soft RLIMIT_FSIZE makes write(2) stop at 150 bytes, in the middle of
+    # the first line, and refuse the next write (EFBIG), as a disk filling up
+    # would; raising the limit again is the operator freeing space.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    anchor = AnchorFile(Path(path))
+    points = _points("s", (10, 20, 30, 40))
     resource.setrlimit(resource.RLIMIT_FSIZE, (150, resource.RLIM_INFINITY))
     try:
         anchor.append(points[:3])
         refused = ""
     except AnchorError as exc:
         refused = str(exc)
-    behind = anchor.behind
+    queue.put((refused, anchor.behind))
+    other_appended.wait(30)
     resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     anchor.append(points[3:])
-    checkpoints, _, bad = anchor.read()
-    queue.put((refused, behind, [c.seq for c in checkpoints], bad))
+    queue.put("done")
 
 
-def test_an_append_cut_short_is_refused_and_completed_on_the_next(tmp_path: Path) -> None:
+def test_an_append_cut_short_is_refused_and_written_whole_on_the_next(tmp_path: Path) -> None:
     # Counting a short write as done would answer calls whose checkpoints never
-    # reached the anchor, and the next line would be glued to the torn one.
+    # reached the anchor. Completing the torn line with the rest of its bytes
+    # (as this once did) went wrong when another process appended in between:
+    # its line was glued to the torn one and the rest landed as a line of its
+    # own, three lines verify could not read, and the trail looked tampered.
+    path = tmp_path / "anchor.jsonl"
     ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_append_on_a_filling_disk, args=(str(tmp_path / "anchor.jsonl"), queue))
+    queue, other_appended = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_append_on_a_filling_disk, args=(str(path), queue, other_appended))
     child.start()
-    refused, behind, seqs, bad = queue.get(timeout=30)
-    child.join(timeout=30)
+    refused, behind = queue.get(timeout=30)
     assert "File too large" in refused and behind
-    assert (seqs, bad) == ([10, 20, 30, 40], [])
+    assert not path.read_bytes().endswith(b"\n")  # the torn line
+    AnchorFile(path).append(_points("other", (5,)))  # another worker's checkpoint
+    other_appended.set()
+    assert queue.get(timeout=30) == "done"
+    child.join(timeout=30)
+    checkpoints, _, bad = AnchorFile(path).read()
+    assert bad == []
+    assert sorted((c.stream_id, c.seq) for c in checkpoints) == [("other", 5)] + [("s", n) for n in (10, 20, 30, 40)]
+    # A torn line that nothing completes is still reported.
+    with path.open("ab") as f:
+        f.write(b'{"type":"checkpoint","checkpoint":{"stream_id":"gone"')
+    AnchorFile(path).append(_points("other", (6,)))
+    assert len(AnchorFile(path).read()[2]) == 1
 
 
 def test_pruning_whole_segments_keeps_the_trail_verifiable(trail: Trail) -> None:
