@@ -179,19 +179,27 @@ async def export(engine: AsyncEngine, f: EventFilter, *, chunk: int = 2000) -> A
         after = (rows[-1].started_at, rows[-1].id)
 
 
+_CHUNK = 64 * 1024
+
+
 async def encoded(rows: AsyncIterator[dict[str, Any]], fmt: Literal["jsonl", "csv"]) -> AsyncIterator[bytes]:
-    """An export's bytes: JSON lines, or CSV with a header (`csv_cells`), in chunks of about 64 KiB."""
+    """An export's bytes, in chunks of about 64 KiB: JSON lines, or CSV with a header (`csv_cells`)."""
+    if fmt == "jsonl":
+        lines = bytearray()
+        async for row in rows:
+            lines += msgspec.json.encode(row)
+            lines += b"\n"
+            if len(lines) > _CHUNK:
+                yield bytes(lines)
+                lines.clear()
+        yield bytes(lines)
+        return
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=EVENT_FIELDS) if fmt == "csv" else None
-    if writer:
-        writer.writeheader()
+    writer = csv.DictWriter(out, fieldnames=EVENT_FIELDS)
+    writer.writeheader()
     async for row in rows:
-        if writer:
-            writer.writerow(csv_cells(row))
-        else:
-            out.write(msgspec.json.encode(row).decode())
-            out.write("\n")
-        if out.tell() > 64 * 1024:
+        writer.writerow(csv_cells(row))
+        if out.tell() > _CHUNK:
             yield out.getvalue().encode()
             out.seek(0)
             out.truncate()
