@@ -86,7 +86,10 @@ def serve(settings: Settings, preverified: dict[str, Verification] | None = None
     # The socket is bound here, however many workers: left to uvicorn, one
     # worker's would be asyncio's, which on "::" takes IPv6 only, while several
     # share this one, which takes IPv4 too. It listens once the app has started.
-    sock = config.bind_socket()
+    try:
+        sock = config.bind_socket()
+    except SystemExit:  # uvicorn has logged why: the address is taken, or not this host's
+        return False
     if config.workers == 1:
         server = uvicorn.Server(config)
         server.run(sockets=[sock])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -16,6 +17,7 @@ import pytest
 from engine import manifest
 from gateway.cli import demo_engine_url
 from gateway.settings import load_settings
+from tests.conftest import GatewayFactory
 from tests.support import BASTION, EngineRef, bastion, engine_client, fetch_records, free_port, write_config
 
 
@@ -309,3 +311,15 @@ def test_demo_model_is_converted_signed_and_verifies(tmp_path: Path, engine_pyth
     # Running it again changes nothing.
     bastion("demo-model", "--config", str(config))
     assert config.read_text() == text
+
+
+def test_serve_on_an_address_in_use_exits_1_and_says_why(make_gateway: GatewayFactory) -> None:
+    # uvicorn's own binding ended the process with SystemExit before our
+    # message (and, under `up`, another exit code than a gateway that fails).
+    gw = make_gateway(engines=[EngineRef("m", f"http://127.0.0.1:{free_port()}", "k")], start=False)
+    with socket.create_server(("127.0.0.1", gw.port)):
+        result = subprocess.run(
+            [BASTION, "serve", "--config", str(gw.config)], capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 1, result.stderr
+    assert "address already in use" in result.stderr.lower() and "did not start" in result.stderr
