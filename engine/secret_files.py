@@ -12,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 
 def write_secret_file(path: Path, data: bytes) -> None:
@@ -24,11 +24,12 @@ def write_secret_file(path: Path, data: bytes) -> None:
     reader (nor a restart after a crash or a full disk) ever finds the file
     empty or cut short.
     """
-    tmp = _synced_temporary(path, data)
+    with _synced_temporary(path) as f:
+        f.write(data)
     try:
-        os.link(tmp, path)
+        os.link(f.name, path)
     finally:
-        os.unlink(tmp)
+        os.unlink(f.name)
     fsync_folder(path.parent)
 
 
@@ -51,7 +52,7 @@ def replace_file(path: Path, data: bytes, mode: int) -> None:
 
 
 @contextlib.contextmanager
-def replacing(path: Path, mode: int) -> Iterator[BinaryIO]:
+def replacing(path: Path, mode: int) -> Iterator[IO[bytes]]:
     """A file to write `path` through, as it is made (an export of any size).
 
     It is a new file beside `path` (0600 until done); when the block ends it is
@@ -59,33 +60,30 @@ def replacing(path: Path, mode: int) -> Iterator[BinaryIO]:
     write fails (a full disk), it is removed: `path` is as it was, or absent,
     never a part that looks whole.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with _synced_temporary(path) as f:
+        yield f
     try:
-        with open(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.chmod(f.name, mode)
+        os.replace(f.name, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        os.unlink(f.name)
         raise
     fsync_folder(path.parent)
 
 
-def _synced_temporary(path: Path, data: bytes) -> str:
-    """`data` in a new 0600 file beside `path`, on disk; removed again if writing fails."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with open(fd, "wb") as f:
-            f.write(data)
+@contextlib.contextmanager
+def _synced_temporary(path: Path) -> Iterator[IO[bytes]]:
+    """A new 0600 file beside `path`, to write in the block; on disk (flushed,
+    fsynced, closed) under its temporary name `f.name` when the block ends, and
+    removed if the block or the sync raises."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        try:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
+        except BaseException:
+            os.unlink(f.name)
+            raise
 
 
 def fsync_folder(folder: Path) -> None:
