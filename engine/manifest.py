@@ -111,6 +111,11 @@ def pem_pair(key: Ed25519PrivateKey) -> tuple[bytes, bytes]:
     return private, public
 
 
+def public_key_path(key_path: Path) -> Path:
+    """Where a private key's public half is kept: beside it, `KEY.pub`."""
+    return Path(str(key_path) + ".pub")
+
+
 def create_signing_key(out: Path) -> str:
     """Write an Ed25519 private key (PEM, 0600) to `out` and its public key to `out.pub`."""
     key = Ed25519PrivateKey.generate()
@@ -119,7 +124,7 @@ def create_signing_key(out: Path) -> str:
     # The private key is the commit point: whole or absent, never an empty file
     # that a crash or a full disk left behind and a rerun would then keep.
     write_secret_file(out, private)
-    replace_file(Path(str(out) + ".pub"), public, mode=0o644)
+    replace_file(public_key_path(out), public, mode=0o644)
     return key_id_of(key.public_key())
 
 

@@ -17,13 +17,13 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from engine.manifest import key_id_of, load_public_key
+from engine.manifest import key_id_of, load_public_key, public_key_path
 from engine.secret_files import replacing
 from gateway.audit import query
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.capture import rotate_keyring
 from gateway.audit.prune import prune
-from gateway.audit.signing_keys import Rotation, history_folder, public_key_path, rotate
+from gateway.audit.signing_keys import Rotation, history_folder, rotate
 from gateway.audit.verify import Report, verify_database
 from gateway.cli_record import record_action
 from gateway.clikit import (

@@ -22,12 +22,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from engine.manifest import key_id_of, load_private_key, load_public_key, pem_pair
+from engine.manifest import key_id_of, load_private_key, load_public_key, pem_pair, public_key_path
 from engine.secret_files import locked, replace_file
-
-
-def public_key_path(key_path: Path) -> Path:
-    return Path(str(key_path) + ".pub")
 
 
 def history_folder(key_path: Path) -> Path:
