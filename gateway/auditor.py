@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hashlib
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -21,9 +22,11 @@ from litestar import Request, Response
 from gateway.audit import query
 from gateway.audit.anchor import AnchorFile
 from gateway.audit.capture import KeyringError, load_keyring, open_payload
+from gateway.audit.record import AuditRecord
 from gateway.audit.verify import verify_database
-from gateway.calls import Call, answer, authenticate, headers_for, refuse
-from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound
+from gateway.audit.writer import write_quietly
+from gateway.calls import Call, answer, as_gateway_error, authenticate, headers_for, refuse
+from gateway.errors import AuditUnavailable, BadRequest, Forbidden, GatewayError, NotFound
 from gateway.services import Services
 from gateway.settings import ConfigError
 from gateway.streaming import Stream
@@ -57,16 +60,76 @@ async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any
             return await answer(svc, call, body, detail)
         if fmt not in ("jsonl", "csv"):
             raise query.QueryError("format must be json, jsonl or csv.")
-        # The export is on record before its first byte leaves.
-        detail = {"action": "export", "format": fmt, "filter": f.public()}
-        call.detail.update(detail)
-        await svc.audit.write(call.final(outcome="ok", http_status=200))
+        # The export is on record (its intent) before its first byte leaves;
+        # its final record says how it ended and how many records it sent.
+        call.detail.update({"action": "export", "format": fmt, "filter": f.public()})
+        await svc.audit.write(call.record("intent"))
+        tally = query.Tally()
+        chunks = query.encoded(tally.count(query.export(svc.db, f)), fmt)  # type: ignore[arg-type]
+        # Read before the status line: a database that fails at once is an error
+        # answer, not a 200 cut short.
+        first = await anext(chunks)
     except Exception as exc:
         return await refuse(svc, call, exc)
     media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
     headers = headers_for(call, {"content-disposition": f'attachment; filename="audit-export.{fmt}"'})
-    rows = query.export(svc.db, f)
-    return Stream(query.encoded(rows, fmt), media_type=media, headers=headers)  # type: ignore[arg-type]
+    return Stream(_exported(svc, call, first, chunks, tally), media_type=media, headers=headers)
+
+
+class ExportBroken(Exception):
+    """Raised into the server when an export fails after its 200 went out, so
+    the connection is dropped before the body's end: the client cannot take
+    what it got for the whole export (CSV and JSON lines have no error event)."""
+
+
+async def _exported(
+    svc: Services, call: Call, first: bytes, chunks: AsyncIterator[bytes], tally: query.Tally
+) -> AsyncIterator[bytes]:
+    """Send an export, then audit how it ended.
+
+    As with a stream of tokens (`gateway/calls.py`, `_relay`), the last chunk is
+    held until the final record is committed: a client that received a whole
+    export can rely on its record. An export the database breaks off, or whose
+    record cannot be written, is cut short (`ExportBroken`); a client that goes
+    away leaves a `client_closed` record, written by a task.
+    """
+    digest = hashlib.sha256()
+    outcome, failure = "client_closed", None
+    recorded = False
+
+    def final_record() -> AuditRecord:
+        call.detail["records"] = tally.records
+        return call.final(
+            outcome=outcome,
+            http_status=200,
+            error_type=failure.audit_reason if failure else None,
+            error_message=failure.message if failure else None,
+            response_sha256=None if call.capture == "none" else digest.hexdigest(),
+        )
+
+    held = first
+    try:
+        try:
+            async for chunk in chunks:
+                digest.update(held)
+                yield held
+                held = chunk
+            digest.update(held)
+            outcome = "ok"
+        except Exception as exc:  # not the client going away: that is a BaseException
+            failure = as_gateway_error(exc)
+            outcome = "error"
+        recorded = True
+        try:
+            await svc.audit.write(final_record())
+        except AuditUnavailable as exc:
+            raise ExportBroken("the export's final record could not be written") from exc
+        if failure is not None:
+            raise ExportBroken(f"the export failed after {tally.records} records: {failure.message}")
+        yield held
+    finally:
+        if not recorded:
+            svc.spawn(write_quietly(svc.audit, final_record()))
 
 
 async def event(request: Request[Any, Any, Any], svc: Services, request_id: str) -> Response[bytes]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -182,16 +182,10 @@ def export_cmd(config_path: Path, event_filter: query.EventFilter, fmt: str, out
     """Every matching record, oldest first, as JSON lines or CSV."""
     settings = settings_from(config_path)
     record_action(settings, "audit.export", {"filter": event_filter.public(), "format": fmt, "out": out})
-    count = 0
-
-    async def counted(rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-        nonlocal count
-        async for row in rows:
-            count += 1
-            yield row
+    tally = query.Tally()
 
     async def go(engine: Any) -> None:
-        chunks = query.encoded(counted(query.export(engine, event_filter)), fmt)  # type: ignore[arg-type]
+        chunks = query.encoded(tally.count(query.export(engine, event_filter)), fmt)  # type: ignore[arg-type]
         if not out:
             async for chunk in chunks:
                 sys.stdout.buffer.write(chunk)
@@ -209,8 +203,9 @@ def export_cmd(config_path: Path, event_filter: query.EventFilter, fmt: str, out
     except OSError as exc:
         if not out:
             raise
-        raise CheckFailed(f"the export to {out} failed after {count} records ({exc}); {out} was not written") from None
-    err_console.print(f"{count} records exported")
+        done = tally.records
+        raise CheckFailed(f"the export to {out} failed after {done} records ({exc}); {out} was not written") from None
+    err_console.print(f"{tally.records} records exported")
 
 
 @audit.command("stats")

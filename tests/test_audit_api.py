@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -124,8 +125,11 @@ def test_exports_stream_every_match_as_jsonl_and_csv(gw: Gateway) -> None:
     r = gw.get("/admin/audit/events", key=auditor, params={"format": "csv", "team": "risk", "phase": "final"})
     rows = list(csv.DictReader(io.StringIO(r.text)))
     assert [row["request_id"] for row in rows] == ids and rows[0]["record_hash"]
-    action = json.loads(gw.final(r.headers["x-request-id"])["detail"])
-    assert action == {"action": "export", "format": "csv", "filter": {"team": "risk", "phase": "final"}}
+    intent, final = gw.records(r.headers["x-request-id"])
+    asked = {"action": "export", "format": "csv", "filter": {"team": "risk", "phase": "final"}}
+    assert intent["phase"] == "intent" and json.loads(intent["detail"]) == asked, "on record before any byte"
+    assert json.loads(final["detail"]) == {**asked, "records": 3} and final["outcome"] == "ok"
+    assert final["response_sha256"] == hashlib.sha256(r.content).hexdigest(), "the bytes the auditor got"
 
 
 def test_a_csv_export_never_hands_a_spreadsheet_a_formula(gw: Gateway) -> None:

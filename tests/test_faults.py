@@ -23,7 +23,7 @@ import pytest
 
 from gateway.forward import error_of, usage_of
 from tests.conftest import GatewayFactory
-from tests.support import BASTION, EngineRef, Gateway, SocketDouble, TcpProxy, free_port
+from tests.support import BASTION, EngineRef, Gateway, SocketDouble, TcpProxy, fetch_records, free_port
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -486,6 +486,107 @@ def test_a_database_error_the_gateway_did_not_expect_is_a_500_on_record(
             assert (final["outcome"], final["error_type"], final["role"]) == ("error", "internal_error", "auditor")
             assert "call.internal_error" in {e.get("event") for e in gw.log_events()}
         finally:
+            gw.stop()
+
+
+# A real fault of PostgreSQL's on the queries whose text is LIKE `query`
+# (through a row-level security policy on the gateway's role): a read error, or
+# a read that stalls (once per transaction) until it is cancelled. Other reads,
+# and every write, go through.
+_READ_FAULTS = {
+    "fails": "RAISE EXCEPTION 'could not read block 7 of audit_records (a test double)';",
+    "stalls": """IF coalesce(current_setting('bastion.stalled', true), '') = '' THEN
+                PERFORM set_config('bastion.stalled', 'yes', true);
+                PERFORM pg_sleep(20);
+            END IF;""",
+}
+
+
+def _export_trap(query: str, fault: str) -> str:
+    return f"""CREATE OR REPLACE FUNCTION bastion_export_trap() RETURNS boolean LANGUAGE plpgsql AS $trap$
+    BEGIN
+        IF current_query() LIKE '{query}' THEN
+            {_READ_FAULTS[fault]}
+        END IF;
+        RETURN true;
+    END $trap$"""
+
+
+def _call_records(database_url: str, request_id: str) -> list[dict[str, Any]]:
+    """A call's records once its final one has landed (a task writes a `client_closed` one)."""
+    deadline = time.monotonic() + 10
+    while True:
+        records = fetch_records(database_url, request_id)
+        if records[-1]["phase"] == "final" or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
+_EXPORT_TRAP = (
+    "ALTER TABLE audit_records ENABLE ROW LEVEL SECURITY",
+    "CREATE POLICY export_trap ON audit_records FOR SELECT TO {role} USING (bastion_export_trap())",
+    "CREATE POLICY writes ON audit_records FOR INSERT TO {role} WITH CHECK (true)",
+)
+_EXPORT_TRAP_REMOVED = (
+    "DROP POLICY IF EXISTS export_trap ON audit_records",
+    "DROP POLICY IF EXISTS writes ON audit_records",
+    "ALTER TABLE audit_records DISABLE ROW LEVEL SECURITY",
+    "DROP FUNCTION IF EXISTS bastion_export_trap()",
+)
+
+
+@pytest.mark.postgres
+def test_an_api_export_the_database_breaks_off_is_cut_short_and_on_record(
+    make_gateway: GatewayFactory, fresh_pg_url: str, tripwire: SocketDouble
+) -> None:
+    """An API export's record was written `ok` before its first byte, and stayed
+    `ok` when the database broke the export off part way: the trail said an
+    auditor got records they never got. Now its intent is on record first and
+    its final record says how it ended and how many records went out; the
+    client's body is cut short (no chunked end), so it cannot pass for whole."""
+    with pg_role(fresh_pg_url) as (user_url, owner):
+        gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], database_url=user_url)
+        auditor = gw.create_key(role="auditor")
+
+        def refused_calls(n: int) -> None:  # each one a record: more than one keyset step of them
+            with httpx.Client(base_url=gw.url, timeout=30) as client:
+                for _ in range(n):
+                    assert client.get("/v1/models").status_code == 401
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(refused_calls, [520] * 4))
+        # An export's second keyset step, `(started_at, id) > …`, stalls, and the client goes away.
+        second_step = "%audit_records.id) >%"
+        owner(_export_trap(second_step, "stalls"), *_EXPORT_TRAP)
+        try:
+            headers = {"authorization": f"Bearer {auditor}"}
+            url = gw.url + "/admin/audit/events"
+            with httpx.stream("GET", url, params={"format": "jsonl"}, headers=headers, timeout=60) as r:
+                request_id = r.headers["x-request-id"]
+                assert r.status_code == 200 and next(r.iter_bytes())
+            intent, final = _call_records(fresh_pg_url, request_id)
+            assert (intent["phase"], final["outcome"], final["error_type"]) == ("intent", "client_closed", None)
+            assert json.loads(final["detail"])["records"] == 2000, "one keyset step was read"
+
+            # The second step fails: the client's body is cut short.
+            owner(_export_trap(second_step, "fails"))
+            with httpx.stream("GET", url, params={"format": "jsonl"}, headers=headers, timeout=60) as r:
+                assert r.status_code == 200
+                request_id = r.headers["x-request-id"]
+                with pytest.raises(httpx.RemoteProtocolError):
+                    r.read()
+            intent, final = _call_records(fresh_pg_url, request_id)
+            assert (intent["phase"], final["outcome"], final["error_type"]) == ("intent", "error", "internal_error")
+            assert json.loads(final["detail"])["records"] == 2000, "one keyset step went out"
+
+            # Unreadable from the first step: an error answer, not a 200 cut short.
+            owner(_export_trap("%ORDER BY audit_records.started_at, audit_records.id%", "fails"))
+            r = gw.get("/admin/audit/events", key=auditor, params={"format": "csv"})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+            intent, final = _call_records(fresh_pg_url, r.headers["x-request-id"])
+            assert (intent["phase"], final["outcome"], final["http_status"]) == ("intent", "error", 500)
+        finally:
+            owner(*_EXPORT_TRAP_REMOVED)
             gw.stop()
 
 

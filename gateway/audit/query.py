@@ -179,6 +179,19 @@ async def export(engine: AsyncEngine, f: EventFilter, *, chunk: int = 2000) -> A
         after = (rows[-1].started_at, rows[-1].id)
 
 
+@dataclass
+class Tally:
+    """How many records an export has read so far: what its record says, and
+    the CLI's message, when it ends part way."""
+
+    records: int = 0
+
+    async def count(self, rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        async for row in rows:
+            self.records += 1
+            yield row
+
+
 _CHUNK = 64 * 1024
 
 
