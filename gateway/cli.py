@@ -44,7 +44,7 @@ from gateway.clikit import (
     shown,
     verify_before_start,
 )
-from gateway.keys import ROLES, KeyStore, load_or_create_pepper
+from gateway.keys import MAX_OVERLAP, ROLES, KeyStore, NoActiveKey, load_or_create_pepper
 from gateway.settings import ConfigError, Settings
 from gateway.utc import parse_utc
 
@@ -227,16 +227,24 @@ def _keystore_call(settings: Settings, fn: Callable[[KeyStore], Any]) -> Any:
         raise UsageProblem(str(exc)) from None
 
 
+def _duration(option: str, text: str) -> timedelta:
+    """`30s`, `30m`, `12h`, `90d`."""
+    m = re.fullmatch(r"(\d{1,9})([smhd])", text)
+    if not m:
+        raise UsageProblem(f"{option} takes a number and a unit: 30m, 12h, 90d")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+    try:
+        return timedelta(**{unit: int(m.group(1))})
+    except OverflowError:
+        raise UsageProblem(f"{option} is longer than a timedelta can hold") from None
+
+
 def _parse_expiry(expires_in: str | None, expires_at: str | None) -> datetime | None:
     if expires_in and expires_at:
         raise UsageProblem("give --expires-in or --expires-at, not both")
     if expires_in:
-        m = re.fullmatch(r"(\d+)([mhd])", expires_in)
-        if not m:
-            raise UsageProblem("--expires-in takes a number and a unit: 30m, 12h, 90d")
-        unit = {"m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
         try:
-            return datetime.now(UTC) + timedelta(**{unit: int(m.group(1))})
+            return datetime.now(UTC) + _duration("--expires-in", expires_in)
         except OverflowError:
             raise UsageProblem("--expires-in is past the year 9999") from None
     if expires_at:
@@ -289,6 +297,45 @@ def keys_create(
     err_console.print(f"key id {new.info.key_id} ({role}); store the key now, it is not shown again")
 
 
+@keys.command("rotate")
+@config_option
+@click.argument("key_id")
+@click.option(
+    "--overlap",
+    default="0s",
+    show_default=True,
+    help="How long the replaced secret is still accepted (e.g. 24h; at most 30d). 0s: refused at once.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def keys_rotate(config_path: Path, key_id: str, overlap: str, as_json: bool) -> None:
+    """Give a key a new secret under the same id and print it (shown this once only).
+
+    The key's policy block, rate limits and identity in the audit trail carry
+    over. The rotation is on record before the secret changes: if it cannot be
+    recorded, nothing changes.
+    """
+    settings = settings_from(config_path)
+    grace = _duration("--overlap", overlap)
+    if grace > MAX_OVERLAP:
+        raise UsageProblem(f"--overlap is at most {MAX_OVERLAP.days}d")
+    # Checked before the record, so the trail holds no rotation of a key that could not have one.
+    now = datetime.now(UTC)
+    if not any(k.key_id == key_id and k.active(now) for k in _keystore_call(settings, lambda ks: ks.list())):
+        raise CheckFailed(f"no active key with id {key_id}")
+    record_action(settings, "keys.rotate", {"key_id": key_id, "overlap_seconds": int(grace.total_seconds())})
+    try:
+        new = _keystore_call(settings, lambda ks: ks.rotate(key_id, grace))
+    except NoActiveKey as exc:
+        raise CheckFailed(str(exc)) from None
+    if as_json:
+        echo_json({**msgspec.structs.asdict(new.info), "key": new.secret})
+        return
+    click.echo(new.secret)
+    until = new.info.previous_expires_at
+    previous = f"works until {until:%Y-%m-%d %H:%M:%S} UTC" if grace else "no longer works"
+    err_console.print(f"key id {key_id}: new secret above; the previous one {previous}. Store it now, it is shown once")
+
+
 @keys.command("list")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -300,11 +347,12 @@ def keys_list(config_path: Path, as_json: bool) -> None:
     if as_json:
         echo_json(infos)
         return
-    table = Table("key id", "name", "role", "team", "created", "expires", "revoked")
+    table = Table("key id", "name", "role", "team", "created", "expires", "rotated", "revoked")
     for k in infos:
         table.add_row(
             k.key_id, shown(k.name), k.role, shown(k.team), f"{k.created_at:%Y-%m-%d %H:%M}",
             f"{k.expires_at:%Y-%m-%d %H:%M}" if k.expires_at else "-",
+            f"{k.rotated_at:%Y-%m-%d %H:%M}" if k.rotated_at else "-",
             f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "-",
         )  # fmt: skip
     console.print(table)

@@ -49,6 +49,8 @@ KEY_QUERY = sa.select(
     api_keys.c.expires_at,
     api_keys.c.revoked_at,
     api_keys.c.can_decrypt,
+    api_keys.c.previous_secret_hash,
+    api_keys.c.previous_expires_at,
 ).where(api_keys.c.key_id == sa.bindparam("key_id"))
 
 
@@ -240,6 +242,8 @@ class KeyRow(NamedTuple):
     expires_at: datetime | None
     revoked_at: datetime | None
     can_decrypt: bool
+    previous_secret_hash: str | None
+    previous_expires_at: datetime | None
 
 
 def _driver_sql(query: sa.Select[Any]) -> tuple[str, list[str], dict[str, Any]]:
@@ -258,9 +262,10 @@ def _read_key(conn: sqlite3.Connection, key_id: str) -> KeyRow | None:
     found = conn.execute(_KEY_SQL, (key_id,)).fetchone()
     if found is None:
         return None
-    name, role, team, secret_hash, expires_at, revoked_at, can_decrypt = found
+    name, role, team, secret_hash, expires_at, revoked_at, can_decrypt, previous_hash, previous_expires_at = found
     return KeyRow(name, role, team, secret_hash, _parse_sqlite_datetime(expires_at),
-                  _parse_sqlite_datetime(revoked_at), bool(can_decrypt))  # fmt: skip
+                  _parse_sqlite_datetime(revoked_at), bool(can_decrypt), previous_hash,
+                  _parse_sqlite_datetime(previous_expires_at))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=16)

@@ -6,6 +6,12 @@ creation and stored only as HMAC-SHA256 under a per-installation pepper, so a
 stolen database alone cannot be used to check guesses offline. Comparison is
 constant-time. Every request reads the row, so a revocation takes effect on the
 very next request, also when it was made by another process (the CLI).
+
+Rotation gives a key a new secret under the same id, so its policy block, its
+rate limits and its identity in the trail carry over; the secret it replaced is
+accepted for an overlap the operator chooses (none by default), so clients can
+move over without an outage. A call made with that previous secret says so in
+its audit record.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ import unicodedata
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
+from msgspec.structs import replace as replace_struct
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -57,6 +64,8 @@ class Principal:
     subject: str | None = None
     # SHA-256 of the client certificate the connection presented, if any.
     fingerprint: str | None = None
+    # An API key's secret from before its rotation, accepted during the overlap.
+    previous_secret: bool = False
 
     def with_certificate(self, fingerprint: str) -> Principal:
         return replace(self, fingerprint=fingerprint)
@@ -64,6 +73,8 @@ class Principal:
     def audit(self) -> dict[str, str] | None:
         """What the audit record keeps of a non-key identity (never a token or key)."""
         fields = {"issuer": self.issuer, "subject": self.subject, "cert_sha256": self.fingerprint}
+        if self.previous_secret:
+            fields["key_generation"] = "previous"
         kept = {k: v for k, v in fields.items() if v is not None}
         return kept or None
 
@@ -77,6 +88,22 @@ class KeyInfo(msgspec.Struct, frozen=True):
     expires_at: datetime | None
     revoked_at: datetime | None
     can_decrypt: bool = False
+    rotated_at: datetime | None = None
+    # Until when the secret replaced by the last rotation is accepted (its
+    # rotation time when it was refused at once).
+    previous_expires_at: datetime | None = None
+
+    def active(self, now: datetime) -> bool:
+        """Neither revoked nor expired at `now`."""
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+class NoActiveKey(LookupError):
+    """A key to rotate that does not exist, is revoked or has expired."""
+
+
+# Two secrets accepted for longer would undo much of what rotating is for.
+MAX_OVERLAP = timedelta(days=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,22 +204,45 @@ class KeyStore:
         return NewKey(info=info, secret=f"{KEY_PREFIX}_{key_id}_{secret}")
 
     async def list(self) -> list[KeyInfo]:
-        cols = [api_keys.c[n] for n in KeyInfo.__struct_fields__]
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(select(*cols).order_by(api_keys.c.created_at))).all()
-        return [
-            KeyInfo(
-                r.key_id,
-                r.name,
-                r.role,
-                r.team,
-                _aware(r.created_at),  # type: ignore[arg-type]
-                _aware(r.expires_at),
-                _aware(r.revoked_at),
-                r.can_decrypt,
+            rows = (await conn.execute(select(*_INFO_COLUMNS).order_by(api_keys.c.created_at))).all()
+        return [_info(r) for r in rows]
+
+    async def rotate(self, key_id: str, overlap: timedelta = timedelta(0)) -> NewKey:
+        """A new secret for an active key, under the same id. The secret it
+        replaces is accepted for `overlap` more (zero: refused from the next
+        request on, as `rotated_key`); one replaced by an earlier rotation is
+        forgotten."""
+        if not timedelta(0) <= overlap <= MAX_OVERLAP:
+            raise ValueError(f"the overlap must be between 0 and {MAX_OVERLAP.days} days")
+        secret = secrets.token_urlsafe(32)
+        now = _now()
+        async with self._engine.begin() as conn:
+            row = (
+                await conn.execute(select(*_INFO_COLUMNS, api_keys.c.secret_hash).where(api_keys.c.key_id == key_id))
+            ).first()
+            before = _info(row) if row is not None else None
+            if before is None or not before.active(now):
+                raise NoActiveKey(f"no active key with id {key_id}")
+            # Kept with a zero overlap too: a call with it is then refused as
+            # `rotated_key`, which tells the operator who has not moved over.
+            previous_until = now + overlap
+            done = await conn.execute(
+                update(api_keys)
+                # Unchanged since it was read: two rotations at once cannot both win.
+                .where(api_keys.c.key_id == key_id, api_keys.c.secret_hash == row.secret_hash)
+                .where(api_keys.c.revoked_at.is_(None))
+                .values(
+                    secret_hash=hash_secret(self._pepper, secret),
+                    rotated_at=now,
+                    previous_secret_hash=row.secret_hash,
+                    previous_expires_at=previous_until,
+                )
             )
-            for r in rows
-        ]
+            if done.rowcount != 1:
+                raise NoActiveKey(f"key {key_id} changed while it was being rotated; nothing was rotated")
+        info = replace_struct(before, rotated_at=now, previous_expires_at=previous_until)
+        return NewKey(info=info, secret=f"{KEY_PREFIX}_{key_id}_{secret}")
 
     async def revoke(self, key_id: str) -> bool:
         """Revoke a key; False when no such (unrevoked) key exists."""
@@ -230,7 +280,9 @@ class KeyStore:
         # Hash even when the row is missing, so timing does not tell which ids exist.
         presented = hash_secret(self._pepper, secret)
         stored = row.secret_hash if row is not None else "0" * 64
-        if not hmac.compare_digest(presented, stored) or row is None:
+        current = hmac.compare_digest(presented, stored)
+        previous = hmac.compare_digest(presented, (row and row.previous_secret_hash) or "0" * 64)
+        if row is None or not (current or previous):
             raise Unauthenticated("Invalid API key.", audit_reason="unknown_key", claimed_key_id=key_id)
         if row.revoked_at is not None:
             raise Unauthenticated("Invalid API key.", audit_reason="revoked_key", claimed_key_id=key_id)
@@ -239,6 +291,10 @@ class KeyStore:
             raise Unauthenticated(
                 "API key has expired.", code="expired_api_key", audit_reason="expired_key", claimed_key_id=key_id
             )
+        if not current:
+            overlap_ends = _aware(row.previous_expires_at)
+            if overlap_ends is None or overlap_ends <= _now():
+                raise Unauthenticated("Invalid API key.", audit_reason="rotated_key", claimed_key_id=key_id)
         return Principal(
             auth_method="api_key",
             key_id=key_id,
@@ -246,4 +302,21 @@ class KeyStore:
             role=row.role,
             team=row.team,
             can_decrypt=bool(row.can_decrypt) and row.role == "auditor",
+            previous_secret=not current,
         )
+
+
+_INFO_COLUMNS = [api_keys.c[n] for n in KeyInfo.__struct_fields__]
+
+
+def _info(r: Any) -> KeyInfo:
+    times = {n: _aware(getattr(r, n)) for n in ("created_at", "expires_at", "revoked_at", "rotated_at")}
+    return KeyInfo(
+        key_id=r.key_id,
+        name=r.name,
+        role=r.role,
+        team=r.team,
+        can_decrypt=bool(r.can_decrypt),
+        previous_expires_at=_aware(r.previous_expires_at),
+        **times,  # type: ignore[arg-type]
+    )

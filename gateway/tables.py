@@ -44,6 +44,12 @@ api_keys = Table(
     Column("revoked_at", DateTime(timezone=True), nullable=True),
     # Auditor keys only: may read captured payloads in plaintext (each read is audited).
     Column("can_decrypt", Boolean, nullable=False, server_default="0"),
+    # Rotation (migration 0004): a new secret under the same key id; the one it
+    # replaced is accepted until previous_expires_at (its hash is kept, so a
+    # call with it is refused as `rotated_key` rather than `unknown_key`).
+    Column("rotated_at", DateTime(timezone=True), nullable=True),
+    Column("previous_secret_hash", String(64), nullable=True),
+    Column("previous_expires_at", DateTime(timezone=True), nullable=True),
 )
 
 audit_records = Table(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import resource
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +15,7 @@ import pytest
 
 from gateway.keys import load_or_create_pepper
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef, Gateway, SocketDouble, at_once, bastion
+from tests.support import BASTION, EngineRef, Gateway, SocketDouble, at_once, bastion
 
 CHAT = {"model": "tripwire", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -67,6 +70,61 @@ def test_revoked_key_is_refused_on_the_next_request(gw: Gateway, tripwire: Socke
     assert r.status_code == 401
     _refused(gw, {"authorization": f"Bearer {key}"}, "revoked_key")
     assert tripwire.calls == 0
+
+
+def _rotate(gw: Gateway, key_id: str, *args: str) -> str:
+    return str(json.loads(gw.bastion("keys", "rotate", key_id, *args, "--json").stdout)["key"])
+
+
+def _works(gw: Gateway, key: str) -> bool:
+    return httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_a_rotated_secret_is_refused_once_its_overlap_ends(gw: Gateway, tripwire: SocketDouble) -> None:
+    first = gw.create_key()
+    key_id = first.split("_")[1]
+    second = _rotate(gw, key_id)  # no overlap: the old secret is refused from the next request on
+    assert _works(gw, second) and not _works(gw, first)
+    record = _refused(gw, {"authorization": f"Bearer {first}"}, "rotated_key")
+    assert record["key_id"] == key_id
+
+    third = _rotate(gw, key_id, "--overlap", "1s")
+    assert _works(gw, third) and _works(gw, second)
+    time.sleep(1.1)
+    assert _works(gw, third)
+    _refused(gw, {"authorization": f"Bearer {second}"}, "rotated_key")
+    # Only the secret the last rotation replaced is kept, and only for its overlap.
+    _rotate(gw, key_id, "--overlap", "1h")
+    assert _works(gw, third)
+    _refused(gw, {"authorization": f"Bearer {first}"}, "unknown_key")
+    _refused(gw, {"authorization": f"Bearer {second}"}, "unknown_key")
+    listed = next(k for k in json.loads(gw.bastion("keys", "list", "--json").stdout) if k["key_id"] == key_id)
+    assert listed["rotated_at"] and listed["previous_expires_at"]
+    assert tripwire.calls == 0
+
+
+def test_only_an_active_key_is_rotated_and_the_overlap_is_bounded(gw: Gateway) -> None:
+    revoked, expired = gw.create_key(), gw.create_key("--expires-at", "2020-01-01T00:00:00Z")
+    gw.bastion("keys", "revoke", revoked.split("_")[1])
+    for key_id in (revoked.split("_")[1], expired.split("_")[1], "nosuchkey000"):
+        done = gw.bastion("keys", "rotate", key_id, check=False)
+        assert done.returncode == 1 and f"no active key with id {key_id}" in done.stderr, done.stderr
+    live = gw.create_key().split("_")[1]
+    for overlap in ("31d", "1w", "-1h", "99999999999d"):
+        done = gw.bastion("keys", "rotate", live, "--overlap", overlap, check=False)
+        assert done.returncode == 2 and "--overlap" in done.stderr, done.stderr
+    rotations = [r for r in gw.records() if r["route"] == "cli.keys.rotate"]
+    assert rotations == [], "nothing was rotated, so nothing is on record"
+
+    def full_disk() -> None:  # the trail's files may not grow: the rotation cannot be recorded
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+
+    args = [BASTION, "keys", "rotate", live, "--config", str(gw.config)]
+    failed = subprocess.run(args, capture_output=True, text=True, preexec_fn=full_disk, check=False)
+    assert failed.returncode == 1 and "could not be audited" in failed.stderr, failed.stderr
+    assert not failed.stdout, "no new secret"
+    listed = next(k for k in json.loads(gw.bastion("keys", "list", "--json").stdout) if k["key_id"] == live)
+    assert listed["rotated_at"] is None
 
 
 def test_expired_key(gw: Gateway, tripwire: SocketDouble) -> None:

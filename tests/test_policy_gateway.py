@@ -88,6 +88,28 @@ def rules_gw(make_gateway: GatewayFactory, vllm_engine: EngineRef) -> tuple[Gate
     return gw, keys
 
 
+def test_a_rotated_key_keeps_its_id_and_so_its_policy_block(rules_gw: tuple[Gateway, dict[str, str]]) -> None:
+    """A key is rotated by giving it a new secret under the same id. Its block
+    in the policy (max_tokens 2, refuse) keeps governing it: a new key in its
+    place would have had only its team's wider rules until someone edited the
+    policy. The old secret works for the overlap, and its calls say so."""
+    gw, keys = rules_gw
+    old = keys["open-key"]
+    key_id = old.split("_")[1]
+    rotated = json.loads(gw.bastion("keys", "rotate", key_id, "--overlap", "1h", "--json").stdout)
+    new = rotated["key"]
+    assert new.split("_")[1] == key_id and new != old and rotated["previous_expires_at"]
+    for key, generation in ((new, None), (old, "previous")):
+        r = gw.post("/v1/chat/completions", key=key, json=chat_body(max_tokens=5))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "policy_limit_exceeded", r.text
+        d = decision(gw, r)
+        assert d["rule"] == f"teams.open.keys.{key_id}.over_max_tokens"
+        assert d["_final"]["key_id"] == key_id
+        assert json.loads(d["_final"]["detail"]).get("auth", {}).get("key_generation") == generation
+    actions = [json.loads(r["detail"]) for r in gw.records() if r["route"] == "cli.keys.rotate"]
+    assert actions == [{"key_id": key_id, "overlap_seconds": 3600}]
+
+
 def test_every_rule_allows_and_denies_through_the_gateway(rules_gw: tuple[Gateway, dict[str, str]]) -> None:
     gw, keys = rules_gw
     post = lambda team, body: gw.post("/v1/chat/completions", key=keys[team], json=body)  # noqa: E731
