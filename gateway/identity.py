@@ -20,7 +20,7 @@ from typing import Any
 from cryptography import x509
 
 from gateway.errors import Forbidden, Unauthenticated
-from gateway.keys import KeyStore, Principal, Role
+from gateway.keys import KeyStore, Principal, Role, check_label
 from gateway.mtls import ClientCertificates, fingerprint, organizational_units, subject_name
 from gateway.oidc import OidcVerifier
 from gateway.settings import AuthSettings, IdentityMapping
@@ -41,6 +41,11 @@ def map_identity(groups: Iterable[str], team_values: Iterable[str], mapping: Ide
     role = roles.pop() if roles else mapping.default_role
     if role is None:
         raise Forbidden("Your identity maps to no role in this gateway.", audit_reason="role_unmapped")
+    try:
+        check_label("The team your identity maps to", teams[0])
+    except ValueError as exc:
+        # The trail could not tell it apart from another team (cut to its column) or show it as is.
+        raise Forbidden(f"{exc}; it cannot be recorded.", audit_reason="team_unrecordable") from None
     return teams[0], role
 
 

@@ -153,15 +153,16 @@ def _aware(value: datetime | None) -> datetime | None:
     return None if value is None else as_utc(value)
 
 
-def _check_label(what: str, value: str) -> None:
-    """A key's name and team are recorded whole, and shown as plain text: at
-    most `LABEL_WIDTH` characters (SQLite took more, which the trail then cut
-    and PostgreSQL refused), none of them control or invisible formatting
-    characters (an escape sequence, a right-to-left override)."""
+def check_label(what: str, value: str) -> None:
+    """A caller's name and team are recorded whole in each of its calls'
+    records, and shown as plain text: at most `LABEL_WIDTH` characters (the
+    trail would cut a longer one, so two teams could read alike), none of them
+    control or invisible formatting characters (an escape sequence, a
+    right-to-left override). Raises ValueError saying which rule `what` breaks."""
     if len(value) > LABEL_WIDTH:
-        raise ValueError(f"the key's {what} is longer than {LABEL_WIDTH} characters")
+        raise ValueError(f"{what} is longer than {LABEL_WIDTH} characters")
     if any(unicodedata.category(c) in ("Cc", "Cf") for c in value):
-        raise ValueError(f"the key's {what} holds a control or formatting character")
+        raise ValueError(f"{what} holds a control or formatting character")
 
 
 class KeyStore:
@@ -179,8 +180,8 @@ class KeyStore:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         if can_decrypt and role != "auditor":
             raise ValueError("only auditor keys may decrypt captured payloads")
-        _check_label("name", name)
-        _check_label("team", team)
+        check_label("the key's name", name)
+        check_label("the key's team", team)
         if expires_at is not None and expires_at.utcoffset() != timedelta(0):
             # SQLite stores a time's fields without its zone: anything but UTC
             # would be read back hours off, and the key expire at the wrong time.

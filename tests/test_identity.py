@@ -241,6 +241,13 @@ def test_groups_map_to_one_team_and_one_role(
     )
     refused(gw, models(gw, issuer.token(groups=["bastion-users"])), 403, "team_unmapped")
     refused(gw, models(gw, issuer.token(groups=["team:risk", "team:ops", "bastion-users"])), 403, "team_unmapped")
+    # A team the trail would cut to 200 characters (two such teams would read
+    # alike there), or could not show as it is: refused, as a key's would be.
+    for team in ("r" * 200 + "1", "risk\u202e"):
+        r = models(gw, issuer.token(groups=[f"team:{team}", "bastion-users"]))
+        final = refused(gw, r, 403, "team_unrecordable")
+        assert final["team"] is None
+    assert models(gw, issuer.token(groups=["team:risk", "bastion-users"])).status_code == 200
     # API keys keep working beside tokens.
     assert models(gw, gw.create_key(team="risk")).status_code == 200
 
