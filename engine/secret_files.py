@@ -51,6 +51,22 @@ def replace_file(path: Path, data: bytes, mode: int) -> None:
         f.write(data)
 
 
+def hand_over(src: Path, dst: Path, uid: int) -> None:
+    """Copy a secret file for one container user: `dst` owned by uid (and its group id), 0400.
+
+    Compose and the Docker SDK bind-mount secret files, so the owner on the
+    host is what the container sees. Needs root (chown). The copy is made
+    private (0600, ours), given away, then renamed over `dst`: no one else can
+    read it at any moment, and if giving it away fails nothing is left behind
+    (a copy made under the umask, then chowned, was readable by all until the
+    chown, and stayed so when the chown failed).
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with replacing(dst, 0o400) as f:
+        f.write(src.read_bytes())
+        os.fchown(f.fileno(), uid, uid)
+
+
 @contextlib.contextmanager
 def replacing(path: Path, mode: int) -> Iterator[IO[bytes]]:
     """A file to write `path` through, as it is made (an export of any size).

@@ -24,6 +24,7 @@ from engine.container import (
     ContainerEngineError,
     EngineStatus,
 )
+from engine.secret_files import hand_over
 from gateway.clikit import (
     CheckFailed,
     UsageProblem,
@@ -34,7 +35,6 @@ from gateway.clikit import (
     settings_from,
     verify_before_start,
 )
-from gateway.keys import hand_over
 from gateway.settings import ConfigError, Deployment, Settings
 
 

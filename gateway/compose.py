@@ -31,7 +31,8 @@ from engine.container import (
     engine_command,
     engine_environment,
 )
-from gateway.keys import ensure_token_file, hand_over
+from engine.secret_files import hand_over
+from gateway.keys import ensure_token_file
 from gateway.settings import ConfigError, Deployment, Settings
 
 ENGINE_URL = f"unix:{SOCKET_PATH}"  # the engine service's socket, on the volume the gateway shares

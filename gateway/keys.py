@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
-import shutil
 import unicodedata
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -126,19 +124,6 @@ def load_or_create_pepper(path: Path) -> bytes:
 def ensure_token_file(path: Path) -> None:
     """A random token (engine keys, database passwords) in a 0600 file, made once."""
     ensure_secret_file(path, lambda: secrets.token_urlsafe(32).encode())
-
-
-def hand_over(src: Path, dst: Path, uid: int) -> None:
-    """Copy a secret file for one container user: `dst` owned by uid (and its group id), 0400.
-
-    Compose and the Docker SDK bind-mount secret files, so the owner on the
-    host is what the container sees. Needs root (chown).
-    """
-    dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    dst.unlink(missing_ok=True)
-    shutil.copyfile(src, dst)
-    os.chown(dst, uid, uid)
-    dst.chmod(0o400)
 
 
 def hash_secret(pepper: bytes, secret: str) -> str:

@@ -73,6 +73,28 @@ def engine_metric(engine: EngineRef, name: str) -> float:
 _port_picker = random.Random()  # noqa: S311 - not for secrets
 
 
+def as_user(uid: int, gid: int, work: Callable[[], str]) -> str:
+    """What `work` returns (or raises) in a forked child running as `uid`:`gid`
+    (the interpreter under /root is not others' to start)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, work, report, exit without running pytest's teardown
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            outcome = work()
+        except BaseException as exc:  # noqa: BLE001 (reported to the parent, which checks it)
+            outcome = f"{type(exc).__name__} {exc}"
+        os.write(write_end, outcome.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        outcome = reader.read().decode()
+    os.waitpid(pid, 0)
+    return outcome
+
+
 def free_port() -> int:
     """A loopback port that is free now and outside the kernel's ephemeral range.
 

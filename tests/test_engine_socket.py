@@ -9,7 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from engine.local import listen_args, prepare_socket
 from gateway.engine_http import EnginePool, Origin
 from gateway.services import preflight
 from gateway.settings import load_settings
+from tests.support import as_user
 
 
 def test_listen_args_for_a_socket_or_a_loopback_port_and_nothing_else() -> None:
@@ -63,28 +64,6 @@ def test_a_live_socket_an_open_folder_or_another_file_is_refused(tmp_path: Path)
         prepare_socket(str(open_folder / "e.sock"))
 
 
-def _as_user(uid: int, gid: int, work: Callable[[], str]) -> str:
-    """What `work` returns (or raises) in a forked child running as `uid`:`gid`
-    (the interpreter under /root is not others' to start)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop to the user, work, report, exit without running pytest's teardown
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            outcome = work()
-        except BaseException as exc:  # noqa: BLE001 (reported to the parent, which checks it)
-            outcome = f"{type(exc).__name__} {exc}"
-        os.write(write_end, outcome.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        outcome = reader.read().decode()
-    os.waitpid(pid, 0)
-    return outcome
-
-
 def _connect_as(uid: int, gid: int, url: str) -> str:
     """What a connection to `url` through the gateway's engine pool ends in, as `uid`:`gid`."""
 
@@ -93,7 +72,7 @@ def _connect_as(uid: int, gid: int, url: str) -> str:
         asyncio.run(pool.request(Origin.of(url, {}), "GET", "/health"))
         return "connected"
 
-    return _as_user(uid, gid, connect)
+    return as_user(uid, gid, connect)
 
 
 @pytest.fixture
@@ -142,8 +121,8 @@ def test_a_gateway_outside_the_sockets_group_does_not_start(open_folder: Path) -
     config.write_text(f'[[deployments]]\nname = "m"\nengine_url = "{url}"\nverify = false\n')
     settings = load_settings(config)
     check = lambda: str(reach_problem(url))  # noqa: E731
-    assert _as_user(10003, GATEWAY_UID, check) == "None"  # no socket yet: its engine starts later
-    assert _as_user(10003, 10003, check).startswith(
+    assert as_user(10003, GATEWAY_UID, check) == "None"  # no socket yet: its engine starts later
+    assert as_user(10003, 10003, check).startswith(
         f"the gateway's user (uid 10003, groups 10003) may not enter {run} (owner {ENGINE_UID}, group {GATEWAY_UID},"
         " mode 2750); the gateway's user must be in the socket's group"
     )
@@ -152,7 +131,7 @@ def test_a_gateway_outside_the_sockets_group_does_not_start(open_folder: Path) -
         preflight(settings)
         return "started"
 
-    assert _as_user(10003, 10003, start).startswith(
+    assert as_user(10003, 10003, start).startswith(
         "ConfigError deployment 'm': cannot reach the engine's socket: the gateway's user (uid 10003"
     )
     run.chmod(0o2751)  # others may enter the folder, and may still not use the socket
@@ -160,7 +139,7 @@ def test_a_gateway_outside_the_sockets_group_does_not_start(open_folder: Path) -
         listener.bind(str(path))
         os.chown(path, ENGINE_UID, GATEWAY_UID)
         path.chmod(0o770)
-        assert _as_user(10003, GATEWAY_UID, check) == "None"
-        assert f"may not connect to {path} (owner {ENGINE_UID}, group {GATEWAY_UID}, mode 770)" in _as_user(
+        assert as_user(10003, GATEWAY_UID, check) == "None"
+        assert f"may not connect to {path} (owner {ENGINE_UID}, group {GATEWAY_UID}, mode 770)" in as_user(
             10003, 10003, check
         )

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from engine import manifest
+from engine.secret_files import hand_over
 from gateway.audit.capture import load_keyring, rotate_keyring
-from tests.support import at_once
+from tests.support import as_user, at_once
 
 
 def _create_key_on_a_full_disk(out: str, queue: Any) -> None:
@@ -68,3 +72,33 @@ def test_rotations_at_once_keep_every_key(tmp_path: Path) -> None:
     assert ring.active in made
     assert path.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in path.parent.iterdir()) == ["audit-keyring.json", "audit-keyring.json.lock"]
+
+
+def test_a_handed_over_secret_is_never_readable_by_others() -> None:
+    """`hand_over` copied the secret under the umask's mode (0644 here), then
+    chowned it: run by a user who may not give files away (not root), it left
+    that readable copy behind."""
+    folder = Path(tempfile.mkdtemp(prefix="bastion-handover-", dir="/tmp"))
+    try:
+        os.chown(folder, 10003, 10003)
+        src = folder / "engine.key"
+        src.write_bytes(b"secret")
+        os.chown(src, 10003, 10003)
+        src.chmod(0o600)
+        given = folder / "prepared" / "engine.key"
+
+        def as_another_user() -> str:
+            os.umask(0o022)
+            hand_over(src, given, 0)  # to root: refused
+            return "handed over"
+
+        assert as_user(10003, 10003, as_another_user).startswith("PermissionError")
+        assert sorted(p.name for p in given.parent.iterdir()) == [], "no copy left behind"
+
+        hand_over(src, given, 10004)  # as root, over an earlier copy
+        hand_over(src, given, 10004)
+        assert given.read_bytes() == b"secret" and given.stat().st_mode & 0o777 == 0o400
+        assert (given.stat().st_uid, given.stat().st_gid) == (10004, 10004)
+        assert sorted(p.name for p in given.parent.iterdir()) == ["engine.key"]
+    finally:
+        shutil.rmtree(folder)
