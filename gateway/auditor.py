@@ -64,8 +64,7 @@ async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any
         # its final record says how it ended and how many records it sent.
         call.detail.update({"action": "export", "format": fmt, "filter": f.public()})
         await svc.audit.write(call.record("intent"))
-        tally = query.Tally()
-        chunks = query.encoded(tally.count(query.export(svc.db, f)), fmt)  # type: ignore[arg-type]
+        chunks = query.encoded(query.export(svc.db, f), fmt)  # type: ignore[arg-type]
         # Read before the status line: a database that fails at once is an error
         # answer, not a 200 cut short.
         first = await anext(chunks)
@@ -73,7 +72,7 @@ async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any
         return await refuse(svc, call, exc)
     media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
     headers = headers_for(call, {"content-disposition": f'attachment; filename="audit-export.{fmt}"'})
-    return Stream(_exported(svc, call, first, chunks, tally), media_type=media, headers=headers)
+    return Stream(_exported(svc, call, first, chunks), media_type=media, headers=headers)
 
 
 class ExportBroken(Exception):
@@ -83,7 +82,7 @@ class ExportBroken(Exception):
 
 
 async def _exported(
-    svc: Services, call: Call, first: bytes, chunks: AsyncIterator[bytes], tally: query.Tally
+    svc: Services, call: Call, first: query.Chunk, chunks: AsyncIterator[query.Chunk]
 ) -> AsyncIterator[bytes]:
     """Send an export, then audit how it ended.
 
@@ -95,10 +94,11 @@ async def _exported(
     """
     digest = hashlib.sha256()
     outcome, failure = "client_closed", None
+    sent = 0  # records in the chunks handed to the server
     recorded = False
 
     def final_record() -> AuditRecord:
-        call.detail["records"] = tally.records
+        call.detail["records"] = sent
         return call.final(
             outcome=outcome,
             http_status=200,
@@ -111,22 +111,25 @@ async def _exported(
     try:
         try:
             async for chunk in chunks:
-                digest.update(held)
-                yield held
+                digest.update(held.data)
+                yield held.data
+                sent += held.records
                 held = chunk
-            digest.update(held)
             outcome = "ok"
         except Exception as exc:  # not the client going away: that is a BaseException
             failure = as_gateway_error(exc)
             outcome = "error"
+        if failure is None:  # the last chunk goes out once its record is in
+            digest.update(held.data)
+            sent += held.records
         recorded = True
         try:
             await svc.audit.write(final_record())
         except AuditUnavailable as exc:
             raise ExportBroken("the export's final record could not be written") from exc
         if failure is not None:
-            raise ExportBroken(f"the export failed after {tally.records} records: {failure.message}")
-        yield held
+            raise ExportBroken(f"the export failed after {sent} records: {failure.message}")
+        yield held.data
     finally:
         if not recorded:
             svc.spawn(write_quietly(svc.audit, final_record()))

@@ -11,11 +11,12 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.exc import SQLAlchemyError
 
 from engine.manifest import key_id_of, load_public_key, public_key_path
 from engine.secret_files import replacing
@@ -25,7 +26,7 @@ from gateway.audit.capture import rotate_keyring
 from gateway.audit.prune import prune
 from gateway.audit.signing_keys import Rotation, history_folder, rotate
 from gateway.audit.verify import Report, verify_database
-from gateway.cli_record import record_action
+from gateway.cli_record import record_action, record_ending
 from gateway.clikit import (
     CheckFailed,
     UsageProblem,
@@ -182,30 +183,39 @@ def export_cmd(config_path: Path, event_filter: query.EventFilter, fmt: str, out
     """Every matching record, oldest first, as JSON lines or CSV."""
     settings = settings_from(config_path)
     record_action(settings, "audit.export", {"filter": event_filter.public(), "format": fmt, "out": out})
-    tally = query.Tally()
+    written = 0  # records handed to the file or stdout
 
-    async def go(engine: Any) -> None:
-        chunks = query.encoded(tally.count(query.export(engine, event_filter)), fmt)  # type: ignore[arg-type]
-        if not out:
-            async for chunk in chunks:
-                sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
-            return
-        # Written whole: an export that fails part way (the database, a full
-        # disk) leaves no file that looks complete, and an earlier OUT as it
-        # was. 0600: it names keys, teams and client addresses.
-        with replacing(Path(out), 0o600) as sink:
-            async for chunk in chunks:
-                sink.write(chunk)
+    async def copy(engine: Any, sink: IO[bytes]) -> None:
+        nonlocal written
+        async for chunk in query.encoded(query.export(engine, event_filter), fmt):  # type: ignore[arg-type]
+            sink.write(chunk.data)
+            written += chunk.records
+        sink.flush()
+
+    def ended(error: str | None = None) -> None:
+        record_ending(settings, "audit.export", {"records": written, "out": out}, error)
 
     try:
-        _with_engine(settings, go)
-    except OSError as exc:
-        if not out:
-            raise
-        done = tally.records
-        raise CheckFailed(f"the export to {out} failed after {done} records ({exc}); {out} was not written") from None
-    err_console.print(f"{tally.records} records exported")
+        if out:
+            # Written whole: an export that fails part way (the database, a full
+            # disk) leaves no file that looks complete, and an earlier OUT as it
+            # was; the file takes its name only once its end is on record. 0600:
+            # it names keys, teams and client addresses.
+            with replacing(Path(out), 0o600) as sink:
+                _with_engine(settings, lambda engine: copy(engine, sink))
+                ended()
+        else:
+            _with_engine(settings, lambda engine: copy(engine, sys.stdout.buffer))
+            ended()
+    except (OSError, SQLAlchemyError) as exc:
+        reason = str(exc).splitlines()[0][:300]  # SQLAlchemy's own text runs on with the SQL
+        lost = f"{out} was not written" if out else "what went to stdout is not the whole export"
+        try:
+            ended(reason)
+        except CheckFailed as unrecorded:
+            lost += f"; {unrecorded}"
+        raise CheckFailed(f"the export failed after {written} records ({reason}); {lost}") from None
+    err_console.print(f"{written} records exported")
 
 
 @audit.command("stats")

@@ -21,7 +21,9 @@ from gateway.services import open_writer
 from gateway.settings import ConfigError, Settings
 
 
-async def _record_action(settings: Settings, engine: AsyncEngine, action: str, detail: dict[str, Any]) -> None:
+async def _record_action(
+    settings: Settings, engine: AsyncEngine, action: str, detail: dict[str, Any], **outcome: Any
+) -> None:
     """Write one system record `cli.<action>` on a stream of its own, then seal the stream."""
     url = settings.database_url()
     hot = hot_path_for(url, engine, busy_timeout_ms=settings.database.sqlite_busy_timeout_ms)
@@ -35,7 +37,7 @@ async def _record_action(settings: Settings, engine: AsyncEngine, action: str, d
                 detail=detail,
                 auth_method="os_user",
                 key_name=getpass.getuser(),
-                outcome="ok",
+                **({"outcome": "ok"} | outcome),
             )
         )
     finally:
@@ -48,3 +50,16 @@ def record_action(settings: Settings, action: str, detail: dict[str, Any]) -> No
         run_with_engine(settings.database_url(), lambda engine: _record_action(settings, engine, action, detail))
     except (AuditUnavailable, ConfigError) as exc:
         raise CheckFailed(f"this action could not be audited, so it was not done: {exc}") from None
+
+
+def record_ending(settings: Settings, action: str, detail: dict[str, Any], error: str | None) -> None:
+    """Record how a long action recorded by `record_action` ended (`cli.<action>.end`,
+    outcome `ok` or `error` with `error`); CheckFailed when that cannot be recorded."""
+    fields = {"outcome": "error", "error_message": error} if error else {}
+    try:
+        run_with_engine(
+            settings.database_url(),
+            lambda engine: _record_action(settings, engine, f"{action}.end", detail, **fields),
+        )
+    except (AuditUnavailable, ConfigError) as exc:
+        raise CheckFailed(f"how {action} ended could not be audited: {exc}") from None

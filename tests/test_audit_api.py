@@ -229,7 +229,10 @@ def test_cli_query_export_stats_and_prune_are_audited(gw: Gateway) -> None:
     assert gw.bastion("audit", "query", "--since", "soon", check=False).returncode == 2
 
     actions = {r["route"] for r in gw.records() if r["route"].startswith("cli.")}
-    assert actions == {"cli.keys.create", "cli.audit.query", "cli.audit.export", "cli.audit.stats"}
+    done = ("keys.create", "audit.query", "audit.export", "audit.export.end", "audit.stats")
+    assert actions == {f"cli.{a}" for a in done}
+    ended = next(r for r in gw.records() if r["route"] == "cli.audit.export.end")
+    assert ended["outcome"] == "ok" and json.loads(ended["detail"]) == {"records": len(ids), "out": None}
     created = next(r for r in gw.records() if r["route"] == "cli.keys.create")
     assert json.loads(created["detail"])["key_id"] == user.split("_")[1] and created["auth_method"] == "os_user"
 

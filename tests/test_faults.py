@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.server
 import json
+import re
 import resource
 import secrets
 import subprocess
@@ -535,6 +536,18 @@ _EXPORT_TRAP_REMOVED = (
 )
 
 
+def _more_than_one_keyset_step(gw: Gateway) -> None:
+    """Over 2,000 records (an export reads 2,000 at a step): refused calls, one record each."""
+
+    def refused_calls(n: int) -> None:
+        with httpx.Client(base_url=gw.url, timeout=30) as client:
+            for _ in range(n):
+                assert client.get("/v1/models").status_code == 401
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(refused_calls, [520] * 4))
+
+
 @pytest.mark.postgres
 def test_an_api_export_the_database_breaks_off_is_cut_short_and_on_record(
     make_gateway: GatewayFactory, fresh_pg_url: str, tripwire: SocketDouble
@@ -548,13 +561,7 @@ def test_an_api_export_the_database_breaks_off_is_cut_short_and_on_record(
         gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], database_url=user_url)
         auditor = gw.create_key(role="auditor")
 
-        def refused_calls(n: int) -> None:  # each one a record: more than one keyset step of them
-            with httpx.Client(base_url=gw.url, timeout=30) as client:
-                for _ in range(n):
-                    assert client.get("/v1/models").status_code == 401
-
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(refused_calls, [520] * 4))
+        _more_than_one_keyset_step(gw)
         # An export's second keyset step, `(started_at, id) > …`, stalls, and the client goes away.
         second_step = "%audit_records.id) >%"
         owner(_export_trap(second_step, "stalls"), *_EXPORT_TRAP)
@@ -566,18 +573,21 @@ def test_an_api_export_the_database_breaks_off_is_cut_short_and_on_record(
                 assert r.status_code == 200 and next(r.iter_bytes())
             intent, final = _call_records(fresh_pg_url, request_id)
             assert (intent["phase"], final["outcome"], final["error_type"]) == ("intent", "client_closed", None)
-            assert json.loads(final["detail"])["records"] == 2000, "one keyset step was read"
+            # Those of the first step's chunks that were handed to the server (the rest were held back).
+            assert 0 < json.loads(final["detail"])["records"] < 2000
 
             # The second step fails: the client's body is cut short.
             owner(_export_trap(second_step, "fails"))
             with httpx.stream("GET", url, params={"format": "jsonl"}, headers=headers, timeout=60) as r:
                 assert r.status_code == 200
                 request_id = r.headers["x-request-id"]
+                got = bytearray()
                 with pytest.raises(httpx.RemoteProtocolError):
-                    r.read()
+                    for part in r.iter_bytes():
+                        got += part
             intent, final = _call_records(fresh_pg_url, request_id)
             assert (intent["phase"], final["outcome"], final["error_type"]) == ("intent", "error", "internal_error")
-            assert json.loads(final["detail"])["records"] == 2000, "one keyset step went out"
+            assert 0 < json.loads(final["detail"])["records"] == got.count(b"\n") < 2000, "what went out"
 
             # Unreadable from the first step: an error answer, not a 200 cut short.
             owner(_export_trap("%ORDER BY audit_records.started_at, audit_records.id%", "fails"))
@@ -588,6 +598,42 @@ def test_an_api_export_the_database_breaks_off_is_cut_short_and_on_record(
         finally:
             owner(*_EXPORT_TRAP_REMOVED)
             gw.stop()
+
+
+@pytest.mark.postgres
+def test_a_cli_export_the_database_breaks_off_says_so_and_is_on_record(
+    make_gateway: GatewayFactory, fresh_pg_url: str, tripwire: SocketDouble, tmp_path: Path
+) -> None:
+    """`bastion audit export` that the database broke off part way ended in a
+    Python traceback, and the trail held only that it began. Now it exits 1
+    saying how far it got, and `cli.audit.export.end` records how it ended."""
+    with pg_role(fresh_pg_url) as (user_url, owner):
+        gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], database_url=user_url)
+        _more_than_one_keyset_step(gw)
+        owner(_export_trap("%audit_records.id) >%", "fails"), *_EXPORT_TRAP)
+        try:
+            target = tmp_path / "trail.jsonl"
+            told = []
+            for args in (["-o", str(target)], []):
+                done = gw.bastion("audit", "export", *args, check=False)
+                assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+                assert ("was not written" if args else "is not the whole export") in done.stderr
+                said = re.search(r"the export failed after (\d+) records \(", done.stderr)
+                assert said, done.stderr
+                told.append(int(said.group(1)))
+            assert not target.exists() and 0 < len(done.stdout.splitlines()) == told[1] < 2000
+
+            owner(_export_trap("%matches no query of the export%", "fails"))
+            gw.bastion("audit", "export", "-o", str(target))
+            assert target.exists()
+        finally:
+            owner(*_EXPORT_TRAP_REMOVED)
+            gw.stop()
+    ends = [r for r in fetch_records(fresh_pg_url) if r["route"] == "cli.audit.export.end"]
+    assert [(r["outcome"], json.loads(r["detail"])["records"]) for r in ends[:2]] == [("error", n) for n in told]
+    assert all("could not read block 7" in r["error_message"] for r in ends[:2])
+    whole = len(target.read_text().splitlines())
+    assert ends[2]["outcome"] == "ok" and json.loads(ends[2]["detail"])["records"] == whole
 
 
 def test_a_stalled_database_fills_the_bounded_queue_and_the_rest_are_refused_at_once(

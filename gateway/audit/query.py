@@ -15,7 +15,7 @@ import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 import sqlalchemy as sa
@@ -179,44 +179,44 @@ async def export(engine: AsyncEngine, f: EventFilter, *, chunk: int = 2000) -> A
         after = (rows[-1].started_at, rows[-1].id)
 
 
-@dataclass
-class Tally:
-    """How many records an export has read so far: what its record says, and
-    the CLI's message, when it ends part way."""
+class Chunk(NamedTuple):
+    """Part of an export: its bytes, and how many whole records they hold (what
+    an export that breaks off says it sent)."""
 
-    records: int = 0
-
-    async def count(self, rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-        async for row in rows:
-            self.records += 1
-            yield row
+    data: bytes
+    records: int
 
 
 _CHUNK = 64 * 1024
 
 
-async def encoded(rows: AsyncIterator[dict[str, Any]], fmt: Literal["jsonl", "csv"]) -> AsyncIterator[bytes]:
+async def encoded(rows: AsyncIterator[dict[str, Any]], fmt: Literal["jsonl", "csv"]) -> AsyncIterator[Chunk]:
     """An export's bytes, in chunks of about 64 KiB: JSON lines, or CSV with a header (`csv_cells`)."""
+    count = 0
     if fmt == "jsonl":
         lines = bytearray()
         async for row in rows:
             lines += msgspec.json.encode(row)
             lines += b"\n"
+            count += 1
             if len(lines) > _CHUNK:
-                yield bytes(lines)
+                yield Chunk(bytes(lines), count)
                 lines.clear()
-        yield bytes(lines)
+                count = 0
+        yield Chunk(bytes(lines), count)
         return
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=EVENT_FIELDS)
     writer.writeheader()
     async for row in rows:
         writer.writerow(csv_cells(row))
+        count += 1
         if out.tell() > _CHUNK:
-            yield out.getvalue().encode()
+            yield Chunk(out.getvalue().encode(), count)
             out.seek(0)
             out.truncate()
-    yield out.getvalue().encode()
+            count = 0
+    yield Chunk(out.getvalue().encode(), count)
 
 
 async def call_records(engine: AsyncEngine, request_id: str) -> tuple[list[dict[str, Any]], list[Any]]:
