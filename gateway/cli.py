@@ -44,7 +44,7 @@ from gateway.clikit import (
     shown,
     verify_before_start,
 )
-from gateway.keys import MAX_OVERLAP, ROLES, KeyStore, NoActiveKey, load_or_create_pepper
+from gateway.keys import ROLES, KeyStore, NoActiveKey, check_overlap, load_or_create_pepper
 from gateway.settings import ConfigError, Settings
 from gateway.utc import parse_utc
 
@@ -316,8 +316,10 @@ def keys_rotate(config_path: Path, key_id: str, overlap: str, as_json: bool) -> 
     """
     settings = settings_from(config_path)
     grace = _duration("--overlap", overlap)
-    if grace > MAX_OVERLAP:
-        raise UsageProblem(f"--overlap is at most {MAX_OVERLAP.days}d")
+    try:
+        check_overlap(grace)  # before the record, as rotate() checks it again
+    except ValueError as exc:
+        raise UsageProblem(f"--overlap: {exc}") from None
     # Checked before the record, so the trail holds no rotation of a key that could not have one.
     now = datetime.now(UTC)
     if not any(k.key_id == key_id and k.active(now) for k in _keystore_call(settings, lambda ks: ks.list())):

@@ -69,7 +69,9 @@ class Principal:
         return replace(self, fingerprint=fingerprint)
 
     def audit(self) -> dict[str, str] | None:
-        """What the audit record keeps of a non-key identity (never a token or key)."""
+        """What the audit record keeps of how the caller proved who it is, beyond the key id:
+        a token's issuer and subject, a certificate's digest, that a key's previous secret was used (never a
+        token or a secret)."""
         fields = {"issuer": self.issuer, "subject": self.subject, "cert_sha256": self.fingerprint}
         if self.previous_secret:
             fields["key_generation"] = "previous"
@@ -102,6 +104,12 @@ class NoActiveKey(LookupError):
 
 # Two secrets accepted for longer would undo much of what rotating is for.
 MAX_OVERLAP = timedelta(days=30)
+
+
+def check_overlap(overlap: timedelta) -> None:
+    """ValueError unless `overlap` is a rotation's allowed overlap (0 to MAX_OVERLAP)."""
+    if not timedelta(0) <= overlap <= MAX_OVERLAP:
+        raise ValueError(f"the overlap must be between 0 and {MAX_OVERLAP.days} days")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +207,7 @@ class KeyStore:
         replaces is accepted for `overlap` more (zero: refused from the next
         request on, as `rotated_key`); one replaced by an earlier rotation is
         forgotten."""
-        if not timedelta(0) <= overlap <= MAX_OVERLAP:
-            raise ValueError(f"the overlap must be between 0 and {MAX_OVERLAP.days} days")
+        check_overlap(overlap)
         secret = secrets.token_urlsafe(32)
         now = _now()
         async with self._engine.begin() as conn:
