@@ -45,9 +45,13 @@ async def _record_action(
         await hot.close()
 
 
+def _record(settings: Settings, action: str, detail: dict[str, Any], **outcome: Any) -> None:
+    run_with_engine(settings.database_url(), lambda engine: _record_action(settings, engine, action, detail, **outcome))
+
+
 def record_action(settings: Settings, action: str, detail: dict[str, Any]) -> None:
     try:
-        run_with_engine(settings.database_url(), lambda engine: _record_action(settings, engine, action, detail))
+        _record(settings, action, detail)
     except (AuditUnavailable, ConfigError) as exc:
         raise CheckFailed(f"this action could not be audited, so it was not done: {exc}") from None
 
@@ -57,9 +61,6 @@ def record_ending(settings: Settings, action: str, detail: dict[str, Any], error
     outcome `ok` or `error` with `error`); CheckFailed when that cannot be recorded."""
     fields = {"outcome": "error", "error_message": error} if error else {}
     try:
-        run_with_engine(
-            settings.database_url(),
-            lambda engine: _record_action(settings, engine, f"{action}.end", detail, **fields),
-        )
+        _record(settings, f"{action}.end", detail, **fields)
     except (AuditUnavailable, ConfigError) as exc:
         raise CheckFailed(f"how {action} ended could not be audited: {exc}") from None
