@@ -81,7 +81,8 @@ class ChatBody(msgspec.Struct, frozen=True):
     model: str
     messages: list[Message]
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    # UNSET, not None, when absent: `null` is a value the engine reads too.
+    stream_options: StreamOptions | None | msgspec.UnsetType = msgspec.UNSET
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     n: Choices | None = None
@@ -102,7 +103,7 @@ class CompletionBody(msgspec.Struct, frozen=True):
     # A string, a list of strings, token ids, or lists of token ids.
     prompt: str | list[str | int | list[int]]
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None | msgspec.UnsetType = msgspec.UNSET
     max_tokens: int | None = None
     n: Choices | None = None
     # vLLM's prompt as embeddings (with --enable-prompt-embeds): unreadable like token ids.
@@ -208,7 +209,9 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         model=parsed.model,
         stream=parsed.stream,
         client_wants_usage=bool(options and options.include_usage),
-        has_stream_options=options is not None or b'"stream_options"' in body,
+        # Decoded, not searched for in the bytes: a key spelled with escapes
+        # (`stream\u005foptions`) is the same key to the engine.
+        has_stream_options=options is not msgspec.UNSET,
         max_tokens=max_tokens,
         choices=(parsed.n or 1) * batch,
         texts=texts,

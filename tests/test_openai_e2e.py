@@ -70,6 +70,22 @@ def test_stream_without_usage_request_still_audits_tokens_and_hides_usage_chunk(
     assert final["completion_tokens"] == 6 and final["prompt_tokens"] > 0
 
 
+@pytest.mark.parametrize("options", ['"stream_options":null', '"stream\\u005foptions":null'])
+def test_a_stream_that_turns_usage_off_is_still_counted(gw: Gateway, options: str) -> None:
+    """The gateway's own `stream_options` wins over the caller's, however spelled.
+
+    An escaped key with a null value once slipped past the gateway: it spliced
+    its own `stream_options` in first, vLLM took the caller's (JSON's last key
+    wins), sent no usage, and the record had no token counts."""
+    key = gw.create_key()
+    body = '{"model":"tiny","messages":[{"role":"user","content":"Hi"}],"max_tokens":3,"ignore_eos":true,"stream":true,'
+    response = gw.post("/v1/chat/completions", key=key, content=(body + options + "}").encode())
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    assert '"usage":{' not in response.text, "the usage chunk the client did not ask for must be stripped"
+    final = gw.final(response.headers["x-request-id"])
+    assert final["outcome"] == "ok" and final["completion_tokens"] == 3 and final["prompt_tokens"] > 0
+
+
 def test_stream_with_usage_request_relays_usage_equal_to_the_audit(gw: Gateway) -> None:
     key = gw.create_key()
     with gw.client(key).chat.completions.with_streaming_response.create(
