@@ -6,10 +6,17 @@ careless custom regex cannot stall the gateway the way a backtracking one
 (`(a+)+$`) stalls Python's `re`. RE2 has no lookaround, so the checks a regular
 expression cannot make are validators run on each candidate: the Luhn digit of
 card numbers, the mod-97 check of IBANs, the reserved ranges of US SSNs.
+
+Text is also read as a person reads it (`fold`): a card number copied from a
+form in full-width digits (４１１１ …), in another script's digits (٤١١١ …) or
+with invisible characters between them (a zero-width space from a web page, a
+soft hyphen from a PDF) is still a card number to the model, and so to the
+detectors. What this cannot catch is said in docs/policy.md.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -115,10 +122,61 @@ class Hit:
     end: int
 
 
+class _Folding(dict[int, str]):
+    """What each character reads as, for the detectors; filled in as
+    `str.translate` meets characters (a table of all of Unicode would take a
+    second to build at start-up)."""
+
+    _MAX_ENTRIES = 1 << 16  # past this, characters are folded again each time, not kept
+
+    def __missing__(self, code: int) -> str:
+        char = chr(code)
+        category = unicodedata.category(char)
+        if category == "Cf":  # format characters, drawn as nothing: zero-width space, soft hyphen, bidi controls
+            folded = ""
+        elif category == "Nd":  # a decimal digit of any script
+            folded = str(unicodedata.decimal(char))
+        elif category == "Pd":  # a dash of any kind
+            folded = "-"
+        else:  # compatibility forms: full-width ＠ and Ａ, no-break spaces, ligatures
+            folded = unicodedata.normalize("NFKC", char)
+        if len(self) < self._MAX_ENTRIES:
+            self[code] = folded
+        return folded
+
+
+_FOLDING = _Folding()
+
+
+def fold(text: str) -> str:
+    """`text` as the detectors read it (see the module's docstring); ASCII is unchanged."""
+    return text if text.isascii() else text.translate(_FOLDING)
+
+
+def _origins(text: str) -> list[int]:
+    """For each character of `fold(text)`, the index in `text` it came from."""
+    origins: list[int] = []
+    for i, char in enumerate(text):
+        origins += [i] * len(_FOLDING[ord(char)])
+    return origins
+
+
 def scan(text: str, detectors: Iterable[Detector]) -> list[Hit]:
-    """Every match of every detector in `text`, in text order."""
-    hits = [Hit(d.name, s, e) for d in detectors for s, e in d.spans(text)]
-    hits.sort(key=lambda h: (h.start, -h.end))
+    """Every match of every detector in `text` or in its folded reading, in
+    text order, as spans of `text`. Where the two readings match one place,
+    the longer match is kept."""
+    detectors = list(detectors)
+    found = {Hit(d.name, s, e) for d in detectors for s, e in d.spans(text)}
+    folded = fold(text)
+    if folded != text:
+        origins = _origins(text)
+        found |= {Hit(d.name, origins[s], origins[e - 1] + 1) for d in detectors for s, e in d.spans(folded)}
+    hits: list[Hit] = []
+    ends: dict[str, int] = {}  # how far each detector's last kept hit reaches
+    for hit in sorted(found, key=lambda h: (h.start, -h.end)):
+        if hit.start >= ends.get(hit.detector, 0):
+            hits.append(hit)
+            ends[hit.detector] = hit.end
     return hits
 
 

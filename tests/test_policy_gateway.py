@@ -229,6 +229,10 @@ def test_content_rules_deny_redact_and_flag_without_keeping_the_text(
     d = decision(gw, r)
     assert d["rule"] == "teams.open.content[1]" and d["_final"]["error_type"] == "content_denied"
     assert card not in json.dumps(d, default=str)
+    # Full-width digits are the same number to the model (policy.content.fold).
+    wide = "４１１１ １１１１ １１１１ １１１１"
+    r = gw.post("/v1/chat/completions", key=keys["open"], json=chat_body(f"pay with {wide}"))
+    assert r.status_code == 400 and decision(gw, r)["rule"] == "teams.open.content[1]"
 
     # Redaction reaches the engine: `echo` makes vLLM return the prompt as it received it.
     prompt = "Write to jane.doe@bank.example about EMP-123456"
@@ -244,6 +248,12 @@ def test_content_rules_deny_redact_and_flag_without_keeping_the_text(
         ("employee_id", "flag", 1),
     }
     assert "jane.doe" not in json.dumps(d, default=str)
+    # An address with a zero-width space in it is redacted whole, and nothing around it.
+    prompt = "Write to jane\u200b.doe@bank.example now"
+    r = gw.post(
+        "/v1/completions", key=keys["open"], json={"model": "tiny", "prompt": prompt, "max_tokens": 1, "echo": True}
+    )
+    assert r.json()["choices"][0]["text"].startswith("Write to [REDACTED:email] now"), r.text
 
     # Chat too: the engine counted the tokens of the redacted messages, not the original.
     messages = [

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy import Caller, Denial, MediaPart, PolicyError, Prompt, decide, load_policy, parse_policy
-from policy.content import BUILTINS, builtin, iban_valid, luhn_valid, redact, scan
+from policy.content import BUILTINS, builtin, fold, iban_valid, luhn_valid, redact, scan
 
 POLICY = """\
 version: 1
@@ -164,6 +164,38 @@ def test_builtin_detectors(detector: str, found: list[str], not_found: list[str]
         assert [f"see {text} here"[h.start : h.end] for h in hits] == [text], text
     for text in not_found:
         assert scan(f"see {text} here", [d]) == [], text
+
+
+@pytest.mark.parametrize(
+    ("detector", "text"),
+    [
+        ("card", "４１１１ １１１１ １１１１ １１１１"),  # full-width digits, as Japanese forms print them
+        ("card", "٤١١١١١١١١١١١١١١١"),  # Arabic-Indic digits
+        ("card", "4111\u200b1111\u200b1111\u200b1111"),  # zero-width spaces, as copied from a web page
+        ("card", "4111\u20131111\u20131111\u20131111"),  # en dashes
+        ("email", "jane＠bank．example"),
+        ("ssn", "123\u00ad-45-6789"),  # a soft hyphen, as copied from a PDF
+        ("iban", "DE89\u00a03704\u00a00044\u00a00532\u00a00130\u00a000"),  # no-break spaces
+    ],
+)
+def test_detectors_read_text_as_a_person_does(detector: str, text: str) -> None:
+    """Written so that only a byte-for-byte pattern misses it, it is the same
+    number to the model; before folding, each of these went through."""
+    d = builtin(detector)
+    assert d is not None
+    line = f"日本語 {text} here"
+    hits = scan(line, [d])
+    assert [line[h.start : h.end] for h in hits] == [text]  # spans of the text as sent
+    assert redact(line, hits) == f"日本語 [REDACTED:{detector}] here"
+
+
+def test_folding_counts_a_match_once_and_leaves_other_text_alone() -> None:
+    card = builtin("card")
+    assert card is not None
+    text = "4111 1111 1111 1111, ４１１１ １１１１ １１１１ １１１１ と ①②"
+    assert [(h.start, h.end) for h in scan(text, [card])] == [(0, 19), (21, 40)]
+    assert scan("４１１１ １１１１ １１１１ １１１２", [card]) == []  # folded, it still has to pass Luhn
+    assert fold("ascii stays") == "ascii stays" and fold("ｶﾀｶﾅ ①") == "カタカナ 1"
 
 
 def test_checksums() -> None:
