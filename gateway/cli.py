@@ -26,6 +26,7 @@ from engine import manifest
 from engine.address import UNIX, socket_path
 from gateway import migrate
 from gateway.audit.capture import rotate_keyring
+from gateway.audit.record import iso
 from gateway.cli_audit import audit
 from gateway.cli_engine import compose_group, engine_group
 from gateway.cli_policy import STARTER_POLICY, policy_group
@@ -283,7 +284,14 @@ def keys_create(
         settings,
         lambda ks: ks.create(name=name, role=role, team=team, expires_at=expiry, can_decrypt=can_decrypt),  # type: ignore[arg-type]
     )
-    detail = {"key_id": new.info.key_id, "name": name, "role": role, "team": team, "can_decrypt": can_decrypt}
+    detail = {
+        "key_id": new.info.key_id,
+        "name": name,
+        "role": role,
+        "team": team,
+        "can_decrypt": can_decrypt,
+        "expires_at": iso(expiry) if expiry else None,
+    }
     try:
         record_action(settings, "keys.create", detail)
     except CheckFailed:

@@ -324,6 +324,13 @@ class Gateway:
         )
         return str(json.loads(out.stdout)["key"])
 
+    def expired_key(self, *extra: str, **kwargs: str) -> str:
+        """A key past its expiry. `keys create` refuses an expiry in the past, so
+        it is made to expire in a moment and that moment is waited out."""
+        key = self.create_key("--expires-in", "2s", *extra, **kwargs)
+        time.sleep(2.1)
+        return key
+
     def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("base_url", self.url + "/v1")
         return openai.OpenAI(api_key=key, max_retries=0, **kwargs)

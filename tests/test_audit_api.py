@@ -218,7 +218,7 @@ def test_verify_through_the_api_and_the_cli_and_a_tampered_row_fails_both(gw: Ga
 
 
 def test_cli_query_export_stats_and_prune_are_audited(gw: Gateway) -> None:
-    user = gw.create_key(team="risk")
+    user = gw.create_key("--expires-at", "2099-01-31T12:00:00Z", team="risk")
     ids = [chat(gw, user) for _ in range(3)]
     page = json.loads(gw.bastion("audit", "query", "--team", "risk", "--phase", "final", "--json").stdout)
     assert sorted(e["request_id"] for e in page["data"]) == sorted(ids)
@@ -235,6 +235,7 @@ def test_cli_query_export_stats_and_prune_are_audited(gw: Gateway) -> None:
     assert ended["outcome"] == "ok" and json.loads(ended["detail"]) == {"records": len(ids), "out": None}
     created = next(r for r in gw.records() if r["route"] == "cli.keys.create")
     assert json.loads(created["detail"])["key_id"] == user.split("_")[1] and created["auth_method"] == "os_user"
+    assert json.loads(created["detail"])["expires_at"] == "2099-01-31T12:00:00.000000Z"  # on record with the key
 
     gw.stop()  # a clean stop closes the gateway's stream with a signed checkpoint
     # A cut-off a minute before every checkpoint, written for UTC+5: its

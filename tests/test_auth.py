@@ -104,7 +104,7 @@ def test_a_rotated_secret_is_refused_once_its_overlap_ends(gw: Gateway, tripwire
 
 
 def test_only_an_active_key_is_rotated_and_the_overlap_is_bounded(gw: Gateway) -> None:
-    revoked, expired = gw.create_key(), gw.create_key("--expires-at", "2020-01-01T00:00:00Z")
+    revoked, expired = gw.create_key(), gw.expired_key()
     gw.bastion("keys", "revoke", revoked.split("_")[1])
     for key_id in (revoked.split("_")[1], expired.split("_")[1], "nosuchkey000"):
         done = gw.bastion("keys", "rotate", key_id, check=False)
@@ -128,7 +128,7 @@ def test_only_an_active_key_is_rotated_and_the_overlap_is_bounded(gw: Gateway) -
 
 
 def test_expired_key(gw: Gateway, tripwire: SocketDouble) -> None:
-    key = gw.create_key("--expires-at", "2020-01-01T00:00:00Z")
+    key = gw.expired_key()
     record = _refused(gw, {"authorization": f"Bearer {key}"}, "expired_key", code="expired_api_key")
     assert record["key_id"] == key.split("_")[1]
     assert tripwire.calls == 0
@@ -137,12 +137,13 @@ def test_expired_key(gw: Gateway, tripwire: SocketDouble) -> None:
 def test_an_expiry_given_in_another_zone_is_kept_in_utc(gw: Gateway, tripwire: SocketDouble) -> None:
     """SQLite keeps a time's fields without its zone: an expiry written for
     UTC+5 was read back as UTC, and the key lived five hours past it."""
-    an_hour_ago = dt.datetime.now(dt.timezone(dt.timedelta(hours=5))) - dt.timedelta(hours=1)
-    key = gw.create_key("--expires-at", an_hour_ago.isoformat())
+    soon = dt.datetime.now(dt.timezone(dt.timedelta(hours=5))) + dt.timedelta(seconds=3)
+    key = gw.create_key("--expires-at", soon.isoformat())
+    time.sleep(max(0.0, (soon - dt.datetime.now(dt.UTC)).total_seconds()) + 0.1)
     _refused(gw, {"authorization": f"Bearer {key}"}, "expired_key", code="expired_api_key")
     listed = json.loads(gw.bastion("keys", "list", "--json").stdout)
     expires = next(k["expires_at"] for k in listed if k["key_id"] == key.split("_")[1])
-    assert expires == an_hour_ago.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    assert expires == soon.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     assert tripwire.calls == 0
 
 

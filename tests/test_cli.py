@@ -80,6 +80,9 @@ def test_keys_create_list_revoke_with_json(tmp_path: Path) -> None:
         (["keys", "create", "--name", "x", "--expires-in", "soon"], ""),
         (["keys", "create", "--name", "x", "--expires-in", "99999999999d"], ""),  # was a traceback
         (["keys", "create", "--name", "x", "--expires-at", "9999-12-31T23:59:59-05:00"], ""),  # year 10000 in UTC
+        # A key that would be refused from its first call (was created).
+        (["keys", "create", "--name", "x", "--expires-at", "2020-01-01T00:00:00Z"], ""),
+        (["keys", "create", "--name", "x", "--expires-in", "0s"], ""),
         # Names and teams the trail would cut, or a terminal would obey.
         (["keys", "create", "--name", "x" * 201], ""),
         (["keys", "create", "--name", "x", "--team", "t" * 201], ""),
