@@ -96,6 +96,15 @@ async def unknown_route(request: Request[Any, Any, Any]) -> Response[bytes]:
     return await calls.not_found(request, _svc(request))
 
 
+async def _only_canonical_paths(request: Request[Any, Any, Any]) -> Response[bytes] | None:
+    """Before every handler: a path sent in another spelling is refused (calls.canonical_path)."""
+    scope = request.scope
+    raw = scope.get("raw_path")  # the ASGI server's bytes as sent, before percent-decoding
+    if raw is None or calls.canonical_path(raw, scope["path"]):
+        return None
+    return await calls.noncanonical_path(request, _svc(request))
+
+
 @get("/healthz")
 async def healthz() -> Response[bytes]:
     """Alive: the process answers. Says nothing about the engine or the store."""
@@ -182,6 +191,7 @@ def create_app(settings: Settings, preverified: dict[str, Verification] | None =
     return Litestar(
         route_handlers=[*handlers, *(w for h in handlers for w in _wrong_methods(h)), unknown_route],
         lifespan=[lifespan],
+        before_request=_only_canonical_paths,
         exception_handlers={HTTPException: _http_exception, Exception: _internal_error},
         # The gateway reads bodies itself, with its own limit and an audited 413.
         request_max_body_size=None,

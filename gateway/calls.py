@@ -660,6 +660,31 @@ def refuse_unparsed(svc: Services, client_addr: str | None, err: GatewayError) -
     return call.request_id
 
 
+def canonical_path(raw_path: bytes, path: str) -> bool:
+    """Whether a request's path was sent as the gateway matches it: with no
+    percent-encoding (`/%61dmin`, `/admin%2Faudit`), no empty segment (`//admin`)
+    and no trailing slash.
+
+    The router would take each of those for the plain path. A proxy in front
+    that keeps a prefix away from some clients (`/admin/`), matching on the path
+    as sent (Envoy's and many load balancers' default), would not, and such a
+    request would pass it to reach the route it was kept from.
+    """
+    return raw_path == path.encode() and b"//" not in raw_path and (raw_path == b"/" or raw_path[-1:] != b"/")
+
+
+async def noncanonical_path(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
+    call = Call.begin(request, svc.proxies)
+    call.route = request.scope["raw_path"].decode("latin-1")  # as sent: what a proxy in front saw
+    err = NotFound(
+        f"Unknown route: {request.method} {call.route}. Paths are matched as written: "
+        "no percent-encoding, repeated or trailing slashes.",
+        code="unknown_url",
+        audit_reason="noncanonical_path",
+    )
+    return await refuse(svc, call, err)
+
+
 async def not_found(request: Request[Any, Any, Any], svc: Services) -> Response[bytes]:
     call = Call.begin(request, svc.proxies)
     err = NotFound(

@@ -96,6 +96,35 @@ def test_unknown_route_is_404_and_audited(gw: Gateway, key: str) -> None:
     assert gw.final(r.headers["x-request-id"])["route"] == "/v1/embeddings"
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "//admin/audit/stats",
+        "/%61dmin/audit/stats",
+        "/admin%2Faudit%2Fstats",
+        "/admin/audit/stats/",
+        "/admin//audit/stats",
+    ],
+)
+def test_a_path_in_another_spelling_is_404(gw: Gateway, path: str) -> None:
+    """Each of these reached the audit trail's stats before: a proxy in front
+    that keeps /admin/ from some clients, matching the path as sent, lets them by."""
+    auditor = gw.create_key(role="auditor")
+    assert gw.get("/admin/audit/stats", key=auditor).status_code == 200  # the control
+    r = gw.get(path, key=auditor)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url", r.text
+    final = gw.final(r.headers["x-request-id"])
+    assert (final["route"], final["error_type"], final["outcome"]) == (path, "noncanonical_path", "refused")
+
+
+def test_a_call_by_another_spelling_never_reaches_the_engine(gw: Gateway, key: str, tripwire: SocketDouble) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for path in ("/v1/chat%2Fcompletions", "/v1/chat/completions/", "/v1//completions"):
+        r = gw.post(path, key=key, json=body)
+        assert r.status_code == 404 and gw.final(r.headers["x-request-id"])["error_type"] == "noncanonical_path"
+    assert tripwire.calls == 0
+
+
 def test_wrong_method_is_405_openai_shaped_and_audited(gw: Gateway) -> None:
     for method, path, allowed in (
         ("GET", "/v1/chat/completions", "POST"),
