@@ -67,6 +67,23 @@ def _values(claim: Any) -> list[str]:
     return []
 
 
+def one_header(headers: Any, name: str) -> str | None:
+    """The value of a header that carries who the caller is; refused (401) when
+    sent more than once. Of several, a proxy in front may check one and the
+    gateway read another: a proxy that adds its forwarded certificate without
+    removing the one the client sent would let the client's come first."""
+    if not name:
+        return None
+    values = headers.getall(name, None)
+    if values is None:
+        return None
+    if len(values) > 1:
+        raise Unauthenticated(
+            f"The {name} header was sent {len(values)} times; send it once.", audit_reason="repeated_credentials"
+        )
+    return values[0]  # type: ignore[no-any-return]
+
+
 class Authenticator:
     def __init__(self, auth: AuthSettings, keys: KeyStore, base_dir: Path):
         self._auth = auth
@@ -80,8 +97,9 @@ class Authenticator:
 
     async def authenticate(self, scope: dict[str, Any], headers: Any, peer_addr: str | None) -> Principal:
         """The caller; `peer_addr` is the connection's own peer (for a forwarded certificate's proxy check)."""
-        cert = self._certs.of(scope, headers, peer_addr) if self._certs else None
-        authorization = headers.get("authorization")
+        certs = self._certs
+        cert = certs.of(scope, one_header(headers, certs.header), peer_addr) if certs else None
+        authorization = one_header(headers, "authorization")
         if authorization and (cert is None or _is_credential(authorization)):
             principal = await self._bearer(authorization)
         elif cert is not None:

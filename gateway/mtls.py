@@ -82,13 +82,14 @@ class ClientCertificates:
             path = path if path.is_absolute() else base_dir / path
             self._cas = x509.load_pem_x509_certificates(path.read_bytes())
         self._proxies = Networks(settings.trusted_proxies)
-        self._header = settings.proxy_header.lower()
+        # The header a TLS-terminating proxy forwards the certificate in ("": none).
+        self.header = settings.proxy_header.lower()
 
-    def of(self, scope: dict[str, Any], headers: Any, peer_addr: str | None) -> x509.Certificate | None:
-        """The certificate of the call's caller, if any. `peer_addr` is the
-        connection's own peer (never an address named by X-Forwarded-For)."""
-        if self._header:
-            forwarded = headers.get(self._header)
+    def of(self, scope: dict[str, Any], forwarded: str | None, peer_addr: str | None) -> x509.Certificate | None:
+        """The certificate of the call's caller, if any. `forwarded`: the value
+        of `self.header`; `peer_addr`: the connection's own peer (never an
+        address named by X-Forwarded-For)."""
+        if self.header:
             if forwarded is None:
                 return None
             if peer_addr not in self._proxies:

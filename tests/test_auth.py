@@ -49,6 +49,18 @@ def test_malformed_header_and_key(gw: Gateway, tripwire: SocketDouble) -> None:
     assert tripwire.calls == 0
 
 
+def test_authorization_sent_twice(gw: Gateway, tripwire: SocketDouble) -> None:
+    """The first of two was read, whatever a proxy in front had checked."""
+    key = gw.create_key()
+    for second in (key, "Bearer bst_abcdefabcdef_" + "A" * 43):
+        headers = [("authorization", f"Bearer {key}"), ("authorization", second)]
+        r = gw.post("/v1/chat/completions", json=CHAT, headers=headers)  # type: ignore[arg-type]
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        record = gw.final(r.headers["x-request-id"])
+        assert (record["error_type"], record["key_id"]) == ("repeated_credentials", None)
+    assert tripwire.calls == 0
+
+
 def test_unknown_key_and_wrong_secret(gw: Gateway, tripwire: SocketDouble) -> None:
     real = gw.create_key()
     key_id = real.split("_")[1]

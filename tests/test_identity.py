@@ -471,6 +471,11 @@ def test_client_certificate_forwarded_by_a_trusted_proxy(
     assert r.status_code == 200 and gw_final(trusting, r)["auth_method"] == "mtls"
     refused(trusting, forwarded(trusting, expired), 401, "cert_expired")
     refused(trusting, forwarded(trusting, foreign), 401, "foreign_cert")
+    # Two of the header: a proxy that adds its own without removing the
+    # client's. The client's came first and was the one read: the caller
+    # chose whom the gateway took them for.
+    both = [("x-ssl-client-cert", quote(c[0].read_text())) for c in (good, expired)]
+    refused(trusting, trusting.get("/v1/models", headers=both), 401, "repeated_credentials")
     # The same header from an address that is not the proxy is a forgery,
     # also when X-Forwarded-For names the proxy.
     refused(distrusting, forwarded(distrusting, good), 401, "untrusted_cert_header")
