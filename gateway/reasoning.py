@@ -5,6 +5,11 @@ versions: `reasoning_content`) beside the answer, in a whole message and in
 each streamed delta. Bastion sends it on only when the caller asked
 (`return_reasoning: true`) and its policy allows reasoning; otherwise the
 fields are removed. Only a body that carries reasoning text is re-encoded.
+
+A choice that carried reasoning also loses its `logprobs` and `token_ids`
+(vLLM's `logprobs: true` and `return_token_ids: true`): they list every token
+generated, the thinking's too, and the reasoning could be read back from them.
+In a stream that is the chunks of the thinking; in a whole answer, the choice.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import msgspec
 
 _HAS_REASONING = re.compile(rb'"reasoning(?:_content)?"\s*:\s*"')
 _FIELDS = ("reasoning", "reasoning_content")
+# A choice's detail of each generated token: the reasoning's tokens among them.
+_TOKEN_DETAIL = ("logprobs", "token_ids")
 
 
 def without_reasoning(body: bytes) -> bytes:
@@ -35,11 +42,16 @@ def without_reasoning(body: bytes) -> bytes:
     for choice in choices:
         if not isinstance(choice, dict):
             raise ValueError("not a chat completion: a choice is not an object")
+        removed = False
         for part in ("message", "delta"):
             holder = choice.get(part)
             if isinstance(holder, dict):
                 for name in _FIELDS:
-                    holder.pop(name, None)
+                    removed |= holder.pop(name, None) is not None
+        if removed:
+            for name in _TOKEN_DETAIL:
+                if name in choice:
+                    choice[name] = None  # as vLLM sends it when not asked for
     return msgspec.json.encode(data)
 
 

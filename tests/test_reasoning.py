@@ -131,3 +131,25 @@ def test_reasoning_is_returned_only_when_asked_for_and_allowed(gw: Gateway, stea
         "returned": False,
     }
     assert chat(gw, plain, enable_thinking=True).status_code == 403
+
+
+def test_hidden_reasoning_cannot_be_read_back_from_logprobs_or_token_ids(gw: Gateway, steady: dict[str, Any]) -> None:
+    """vLLM's logprobs and token ids list every generated token, the thinking's
+    too: a team whose policy forbids reasoning read it back from them."""
+    thinker, plain = gw.create_key(team="thinkers"), gw.create_key(team="plain")
+    detail = {"logprobs": True, "top_logprobs": 2, "return_token_ids": True, **steady}
+
+    shown = chat(gw, thinker, enable_thinking=True, return_reasoning=True, **detail).json()["choices"][0]
+    assert len(shown["logprobs"]["content"]) == 3 and len(shown["token_ids"]) == 3  # the control: asked and allowed
+    for key, extra in ((plain, {}), (thinker, {"enable_thinking": True})):
+        r = chat(gw, key, **extra, **detail)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert "reasoning" not in choice["message"]
+        assert choice["logprobs"] is None and choice["token_ids"] is None, choice
+        assert gw.final(r.headers["x-request-id"])["completion_tokens"] == 3
+
+        _, events = stream_events(gw, key, **extra, **detail)
+        choices = [e["choices"][0] for e in events if e["choices"]]
+        assert len(choices) >= 4, events  # the role chunk, then one per token
+        assert not any(c.get("logprobs") or c.get("token_ids") or "reasoning" in c["delta"] for c in choices)
