@@ -179,12 +179,13 @@ class KeyStore:
             # SQLite stores a time's fields without its zone: anything but UTC
             # would be read back hours off, and the key expire at the wrong time.
             raise ValueError("expires_at must be a time in UTC")
-        if expires_at is not None and expires_at <= _now():
+        now = _now()
+        if expires_at is not None and expires_at <= now:
             # Almost surely a typo in the year: the key would be refused from its first call.
             raise ValueError(f"the expiry {expires_at:%Y-%m-%d %H:%M:%S} UTC is not in the future")
         key_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12))
         secret = secrets.token_urlsafe(32)
-        info = KeyInfo(key_id, name, role, team, _now(), expires_at, None, can_decrypt)
+        info = KeyInfo(key_id, name, role, team, now, expires_at, None, can_decrypt)
         async with self._engine.begin() as conn:
             await conn.execute(
                 insert(api_keys).values(

@@ -169,8 +169,10 @@ def scan(text: str, detectors: Iterable[Detector]) -> list[Hit]:
     found = {Hit(d.name, s, e) for d in detectors for s, e in d.spans(text)}
     folded = fold(text)
     if folded != text:
-        origins = _origins(text)
-        found |= {Hit(d.name, origins[s], origins[e - 1] + 1) for d in detectors for s, e in d.spans(folded)}
+        spans = [(d.name, s, e) for d in detectors for s, e in d.spans(folded)]
+        if spans:  # the index map is a loop over every character: only when there is something to map
+            origins = _origins(text)
+            found |= {Hit(name, origins[s], origins[e - 1] + 1) for name, s, e in spans}
     hits: list[Hit] = []
     ends: dict[str, int] = {}  # how far each detector's last kept hit reaches
     for hit in sorted(found, key=lambda h: (h.start, -h.end)):
