@@ -32,6 +32,36 @@ def _health(conn: socket.socket) -> bytes:
     return conn.recv(65536)
 
 
+# The gateway counts a connection until its event loop has handled the close, a
+# moment after the client closed it. On a slow host that moment was long enough
+# for a test's next connection to be one too many (CI: the gateway still held the
+# startup probe's connection when the test's first one came). So these tests make
+# the connections they count with `_held`, and close them with `_closed`.
+
+
+def _held(port: int) -> socket.socket:
+    """A connection the gateway serves: one refused as one too many is tried
+    again while connections closed before it are still being let go."""
+    deadline = time.monotonic() + 5
+    while True:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        answer = _health(conn)
+        if answer.startswith(b"HTTP/1.1 200"):
+            return conn
+        conn.close()
+        assert b"too_many_connections" in answer and time.monotonic() < deadline, answer
+        time.sleep(0.1)
+
+
+def _closed(conn: socket.socket) -> None:
+    """Close `conn` once the gateway has let it go: it answers our end with its
+    own, and sends that only after it has stopped counting the connection."""
+    conn.shutdown(socket.SHUT_WR)
+    while conn.recv(65536):
+        pass
+    conn.close()
+
+
 def test_a_body_must_arrive_in_time(make_gateway: GatewayFactory, tripwire: SocketDouble) -> None:
     """A body that stops short is answered 408 once `body_timeout_seconds` have
     passed, audited with its caller; the engine never sees it."""
@@ -135,8 +165,7 @@ def test_connections_are_capped_per_client_and_in_all(make_gateway: GatewayFacto
         engines=[EngineRef("m", tripwire.url, "k")],
         gateway={"max_connections_per_client": 2, "max_connections": 3},
     )
-    held = [socket.create_connection(("127.0.0.1", gw.port), timeout=10) for _ in range(2)]
-    assert all(_health(c).startswith(b"HTTP/1.1 200") for c in held)
+    held = [_held(gw.port) for _ in range(2)]
     status, headers, body = exchange(gw.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
     assert status == 503 and headers["retry-after"] == "1"
     assert json.loads(body)["error"]["code"] == "too_many_connections"
@@ -151,8 +180,7 @@ def test_connections_are_capped_per_client_and_in_all(make_gateway: GatewayFacto
         t0 = time.monotonic()
         assert idle.recv(100) == b"" and time.monotonic() - t0 < 3
     socket.create_connection(("127.0.0.1", gw.port), timeout=10).close()  # one that leaves at once
-    held.pop().close()
-    time.sleep(0.2)
+    _closed(held.pop())
     assert httpx.get(gw.url + "/healthz").status_code == 200
     for c in held:
         c.close()
@@ -161,8 +189,7 @@ def test_connections_are_capped_per_client_and_in_all(make_gateway: GatewayFacto
         engines=[EngineRef("m", tripwire.url, "k")],
         gateway={"max_connections_per_client": 1, "max_connections": 3, "trusted_proxies": ["127.0.0.1/32"]},
     )
-    held = [socket.create_connection(("127.0.0.1", proxied.port), timeout=10) for _ in range(3)]
-    assert all(_health(c).startswith(b"HTTP/1.1 200") for c in held)
+    held = [_held(proxied.port) for _ in range(3)]
     status, headers, _ = exchange(proxied.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
     assert status == 503 and proxied.final(headers["x-request-id"])["error_type"] == "too_many_connections"
     for c in held:
@@ -185,10 +212,8 @@ def test_silent_turn_aways_are_logged_when_the_gateway_stops(
     """A connection over the caps that sends nothing, then a shutdown long
     before the summary line is due: the count is logged by the app's shutdown."""
     gw = make_gateway(engines=[EngineRef("m", tripwire.url, "k")], gateway={"max_connections_per_client": 1})
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as held:
-        assert _health(held).startswith(b"HTTP/1.1 200")
-        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as silent:
-            assert silent.recv(100) == b""  # closed unanswered
+    with _held(gw.port), socket.create_connection(("127.0.0.1", gw.port), timeout=10) as silent:
+        assert silent.recv(100) == b""  # closed unanswered
     t0 = time.monotonic()
     gw.stop()
     assert time.monotonic() - t0 < SUMMARY_SECONDS / 2
@@ -218,13 +243,11 @@ def test_a_refused_client_still_sending_gets_its_answer(make_gateway: GatewayFac
                 answer += chunk
         return answer
 
-    held = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-    assert _health(held).startswith(b"HTTP/1.1 200")
+    held = _held(gw.port)
     mib = b"x" * (1 << 20)
     answer = send_all_then_read(_post_head("bst_nope_nope", 16 << 20), *[mib] * 16)
     assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
-    held.close()
-    time.sleep(0.2)
+    _closed(held)
 
     big_head = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: "
     answer = send_all_then_read(big_head, *[mib] * 8)
@@ -240,3 +263,4 @@ def test_a_refused_client_still_sending_gets_its_answer(make_gateway: GatewayFac
             except OSError:
                 closed = True
         assert closed and 0.9 < time.monotonic() - t0 < 4
+
