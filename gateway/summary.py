@@ -66,6 +66,14 @@ Part = TextPart | ImagePart | AudioPart | AudioURLPart
 _NO_RAW = msgspec.Raw()
 
 
+# The roles OpenAI's API takes. vLLM also takes any other string and the chat
+# template writes it into the prompt as it is: text no content rule read, and a
+# place to forge turns (`user<|im_end|>...`). Refused, as OpenAI refuses it, by
+# `_check_roles`: msgspec's own error would quote the role, and with it whatever
+# the caller put there, into the audit record.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 class Message(msgspec.Struct, frozen=True):
     role: str
     content: str | list[Part] | None = None
@@ -178,8 +186,8 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         raise BadRequest("The request body nests JSON too deeply.", audit_reason="malformed_json") from None
     if not parsed.model:
         raise BadRequest("'model' must not be empty.", param="model", audit_reason="invalid_body")
-    if isinstance(parsed, ChatBody) and not parsed.messages:
-        raise BadRequest("'messages' must not be empty.", param="messages", audit_reason="invalid_body")
+    if isinstance(parsed, ChatBody):
+        _check_roles(parsed.messages)
     max_tokens = parsed.max_tokens
     if isinstance(parsed, ChatBody) and parsed.max_completion_tokens is not None:
         max_tokens = parsed.max_completion_tokens
@@ -240,6 +248,18 @@ def _unread_fields(body: ChatBody) -> tuple[str, ...]:
     for i, m in enumerate(body.messages):
         unread += [f"messages[{i}].{name}" for name in _MESSAGE_UNREAD if _carries(getattr(m, name))]
     return tuple(unread)
+
+
+def _check_roles(messages: list[Message]) -> None:
+    if not messages:
+        raise BadRequest("'messages' must not be empty.", param="messages", audit_reason="invalid_body")
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise BadRequest(
+                f"'messages[{i}].role' must be one of: {', '.join(ROLES)}.",
+                param=f"messages[{i}].role",
+                audit_reason="invalid_body",
+            )
 
 
 def _chat_inputs(messages: list[Message]) -> tuple[tuple[str, ...], tuple[tuple[str, Part], ...]]:

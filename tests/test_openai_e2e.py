@@ -50,6 +50,24 @@ def test_chat_completion_is_answered_and_audited_with_engine_usage(gw: Gateway) 
     assert final["latency_ms"] > 0 and final["ended_at"] >= final["started_at"]
 
 
+def test_every_role_openai_takes_reaches_the_engine(gw: Gateway) -> None:
+    # The gateway refuses roles outside OpenAI's (tests/test_bad_input.py), not these.
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "developer", "content": "d"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "t", "tool_call_id": "c1"},
+        {"role": "function", "content": "f", "name": "f"},
+        {"role": "user", "content": "u"},
+    ]
+    r = gw.post(
+        "/v1/chat/completions", key=gw.create_key(), json={"model": "tiny", "messages": messages, "max_tokens": 2}
+    )
+    assert r.status_code == 200, r.text
+
+
 def test_stream_without_usage_request_still_audits_tokens_and_hides_usage_chunk(gw: Gateway) -> None:
     key = gw.create_key()
     with gw.client(key).chat.completions.with_streaming_response.create(
