@@ -263,4 +263,3 @@ def test_a_refused_client_still_sending_gets_its_answer(make_gateway: GatewayFac
             except OSError:
                 closed = True
         assert closed and 0.9 < time.monotonic() - t0 < 4
-

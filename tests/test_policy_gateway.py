@@ -397,12 +397,14 @@ def test_rate_limits_answer_429_in_openai_style(make_gateway: GatewayFactory, vl
             )
         )
         t.start()
-        time.sleep(1.0)
+        wait_for(lambda: hang.calls == 1)  # the slot is taken before the engine is called
         r = gw.post("/v1/chat/completions", key=conc, json=chat_body())
         assert r.status_code == 429 and decision(gw, r)["rule"] == "teams.conc.limits.per_team.concurrent"
         t.join(10)
         assert held["r"].status_code == 504
-        time.sleep(0.3)  # the slot is returned by a task after the answer
+        # The slot is returned by a task after the answer, a moment later (0.3 s was
+        # once too short a wait): the team's next call is served once it is back.
+        wait_for(lambda: gw.post("/v1/chat/completions", key=conc, json=chat_body()).status_code != 429)
         assert gw.post("/v1/chat/completions", key=conc, json=chat_body()).status_code == 200
     finally:
         hang.close()
