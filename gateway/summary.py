@@ -69,8 +69,7 @@ _NO_RAW = msgspec.Raw()
 # The roles OpenAI's API takes. vLLM also takes any other string and the chat
 # template writes it into the prompt as it is: text no content rule read, and a
 # place to forge turns (`user<|im_end|>...`). Refused, as OpenAI refuses it, by
-# `_check_roles`: msgspec's own error would quote the role, and with it whatever
-# the caller put there, into the audit record.
+# `_check_messages`, whose message names the roles taken.
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
@@ -164,7 +163,10 @@ class RequestSummary(msgspec.Struct, frozen=True):
         )
 
 
-_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+# msgspec ends a message with the path of what it refused; a message for a bad
+# value (an unknown part `type`) quotes that value first: the caller's text.
+_PATH_RE = re.compile(r" - at `\$\.?([^`]*)`$")
+_QUOTING = ("Invalid enum value", "Invalid value")
 _DECODERS = {
     "chat": msgspec.json.Decoder(ChatBody),
     "completions": msgspec.json.Decoder(CompletionBody),
@@ -177,9 +179,8 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
     try:
         parsed: ChatBody | CompletionBody = _DECODERS[kind].decode(body)
     except msgspec.ValidationError as exc:
-        match = _PATH_RE.search(str(exc))
-        param = match.group(1) if match else None
-        raise BadRequest(f"Invalid request: {exc}", param=param or None, audit_reason="invalid_body") from None
+        message, param = _refusal(str(exc))
+        raise BadRequest(f"Invalid request: {message}", param=param, audit_reason="invalid_body") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}", audit_reason="malformed_json") from None
     except RecursionError:
@@ -187,7 +188,7 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
     if not parsed.model:
         raise BadRequest("'model' must not be empty.", param="model", audit_reason="invalid_body")
     if isinstance(parsed, ChatBody):
-        _check_roles(parsed.messages)
+        _check_messages(parsed.messages)
     max_tokens = parsed.max_tokens
     if isinstance(parsed, ChatBody) and parsed.max_completion_tokens is not None:
         max_tokens = parsed.max_completion_tokens
@@ -233,6 +234,20 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
     )
 
 
+def _refusal(message: str) -> tuple[str, str | None]:
+    """msgspec's message, without any value it quotes, and the path it names.
+
+    The message is answered and written into the audit record, which must not
+    hold what a caller put where the gateway takes none of it (a card number as
+    a part's `type`); and a quoted value could end in a path of its own.
+    """
+    match = _PATH_RE.search(message)
+    where, param = (match.group(0), match.group(1) or None) if match else ("", None)
+    if message.startswith(_QUOTING):
+        message = "Invalid value" + where
+    return message, param
+
+
 def _carries(raw: msgspec.Raw) -> bool:
     return bytes(raw) not in (b"", b"null", b"[]", b"{}", b'""')
 
@@ -250,7 +265,7 @@ def _unread_fields(body: ChatBody) -> tuple[str, ...]:
     return tuple(unread)
 
 
-def _check_roles(messages: list[Message]) -> None:
+def _check_messages(messages: list[Message]) -> None:
     if not messages:
         raise BadRequest("'messages' must not be empty.", param="messages", audit_reason="invalid_body")
     for i, m in enumerate(messages):

@@ -74,6 +74,20 @@ def test_a_role_openai_does_not_take_is_refused_and_not_recorded(gw: Gateway, ke
     assert tripwire.calls == 0
 
 
+def test_a_refused_value_is_not_quoted_back_or_recorded(gw: Gateway, key: str, tripwire: SocketDouble) -> None:
+    # msgspec quotes a value it refuses, such as a content part's unknown `type`:
+    # what a caller put there was answered and written into the audit record.
+    # A value that itself ends in a path must not name the param either.
+    for value in ("4111 1111 1111 1111", "x - at `$.model`"):
+        part = {"type": value, "text": "x"}
+        r = gw.post(
+            "/v1/chat/completions", key=key, json={"model": "m", "messages": [{"role": "user", "content": [part]}]}
+        )
+        _check(gw, r, 400, "invalid_body", "messages[0].content[0].type")
+        assert value not in r.text and value not in json.dumps(gw.records(r.headers["x-request-id"]), default=str)
+    assert tripwire.calls == 0
+
+
 def test_bad_completion_prompt_type(gw: Gateway, key: str) -> None:
     r = gw.post("/v1/completions", key=key, json={"model": "m", "prompt": {"a": 1}})
     _check(gw, r, 400, "invalid_body", "prompt")
