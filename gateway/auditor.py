@@ -38,7 +38,18 @@ _verify_lock = asyncio.Lock()
 
 
 def _params(request: Request[Any, Any, Any]) -> dict[str, str]:
-    return dict(request.query_params.items())
+    """The query parameters, each given at most once.
+
+    A parameter given twice (`team=risk&team=ops`) is refused: taking either
+    value would answer a question the auditor did not ask (one team's records
+    read as both teams'), and the record would say only what was answered.
+    """
+    params: dict[str, str] = {}
+    for name, value in request.query_params.items():
+        if name in params:
+            raise query.QueryError(f"The parameter {name!r} is given more than once; give each at most once.")
+        params[name] = value
+    return params
 
 
 async def events(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
@@ -204,6 +215,9 @@ async def verify(request: Request[Any, Any, Any], svc: Services) -> Response[byt
     call = Call.begin(request, svc.proxies)
     try:
         await authenticate(svc, request, call, AUDIT_ROLES)
+        if _params(request):
+            # It checks the whole trail: a filter would not narrow it, and must not seem to.
+            raise query.QueryError("/admin/audit/verify takes no parameters: it checks the whole trail.")
         try:
             trusted = audit_verify_keys(svc.settings)
         except ConfigError as exc:

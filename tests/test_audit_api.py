@@ -99,6 +99,23 @@ def test_filters_and_keyset_pages_cover_every_record_once(gw: Gateway) -> None:
         assert r.json()["error"]["type"] == "invalid_request_error"
         assert gw.final(r.headers["x-request-id"])["error_type"] == "invalid_query"
 
+    # A filter given twice answered for its last value alone: ops's records,
+    # read as both teams'. Each route that reads a filter refuses it.
+    for path, twice in (
+        ("/admin/audit/events", [("team", "risk"), ("team", "ops")]),
+        ("/admin/audit/events", [("phase", "final"), ("format", "csv"), ("format", "json")]),
+        ("/admin/audit/stats", [("key_id", alice_id), ("key_id", "other")]),
+        (f"/admin/audit/events/{ids[0]}", [("decrypt", "false"), ("decrypt", "true")]),
+    ):
+        r = gw.get(path, key=auditor, params=twice)
+        assert r.status_code == 400, (twice, r.text)
+        assert "more than once" in r.json()["error"]["message"]
+        assert gw.final(r.headers["x-request-id"])["error_type"] == "invalid_query"
+    # Verification checks the whole trail; a filter on it did nothing, silently.
+    r = gw.get("/admin/audit/verify", key=auditor, params={"team": "ops"})
+    assert r.status_code == 400 and "no parameters" in r.json()["error"]["message"], r.text
+    assert gw.final(r.headers["x-request-id"])["error_type"] == "invalid_query"
+
 
 def test_filters_find_text_as_the_trail_stores_it(gw: Gateway) -> None:
     """The trail stores NUL as U+FFFD (PostgreSQL text cannot hold it) and cuts
