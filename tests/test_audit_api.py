@@ -244,6 +244,8 @@ def test_cli_query_export_stats_and_prune_are_audited(gw: Gateway) -> None:
     stats = json.loads(gw.bastion("audit", "stats", "--bucket", "day", "--json").stdout)
     assert sum(r["calls"] for r in stats["data"] if r["team"] == "risk") == 3
     assert gw.bastion("audit", "query", "--since", "soon", check=False).returncode == 2
+    twice = gw.bastion("audit", "export", "--team", "risk", "--team", "ops", check=False)
+    assert twice.returncode == 2 and "--team is given more than once" in twice.stderr, twice
 
     actions = {r["route"] for r in gw.records() if r["route"].startswith("cli.")}
     done = ("keys.create", "audit.query", "audit.export", "audit.export.end", "audit.stats")
