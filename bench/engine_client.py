@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.suite import targets  # noqa: E402
+from gateway.audit.record import new_request_id  # noqa: E402
 from gateway.forward import Forwarder, Upstream  # noqa: E402
 
 BODY = b'{"model":"bench","messages":[{"role":"user","content":"Hello there"}],"max_tokens":16}'
@@ -54,7 +55,7 @@ async def run(url: str, calls: int, rounds: int) -> dict[str, list[tuple[float, 
     headers = {"authorization": "Bearer none", "content-type": "application/json"}
 
     async def ours() -> bytes:
-        return (await forwarder.post(upstream, PATH, BODY))[1]
+        return (await forwarder.post(upstream, PATH, BODY, new_request_id()))[1]
 
     async def theirs() -> bytes:
         async with session.post(url + PATH, data=BODY, headers=headers) as r:

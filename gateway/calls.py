@@ -318,7 +318,7 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
             cache_salt=prefix_cache_salt(g.prefix_cache_scope, principal.team, principal.key_id),
         )
         if summary.stream:
-            stream = await svc.forwarder.open_stream(upstream, path, payload)
+            stream = await svc.forwarder.open_stream(upstream, path, payload, call.request_id)
             if stream.status == 200:
                 relay = _relay(svc, call, stream, body, lease, strip_usage=not summary.client_wants_usage)
                 lease = None  # the relay settles it when the stream ends
@@ -328,7 +328,7 @@ async def inference(request: Request[Any, Any, Any], svc: Services, kind: Kind, 
             finally:
                 stream.close()
             return await _finish(svc, call, stream.status, body, answer)
-        status, answer = await svc.forwarder.post(upstream, path, payload)
+        status, answer = await svc.forwarder.post(upstream, path, payload, call.request_id)
         return await _finish(svc, call, status, body, answer)
     except Exception as exc:
         return await refuse(svc, call, exc)

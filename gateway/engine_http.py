@@ -88,9 +88,11 @@ class Origin:
         lines = {"host": f"{host}:{port}", **headers}
         return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"), _header_lines(lines))
 
-    def request(self, method: str, path: str, body: bytes) -> bytes:
+    def request(self, method: str, path: str, body: bytes, request_id: str | None = None) -> bytes:
         """The whole request, head and body, to be sent in one write."""
         start = f"{method} {self.base_path}{path} HTTP/1.1\r\n".encode("latin-1")
+        if request_id is not None:
+            start += b"x-request-id: %s\r\n" % request_id.encode("ascii")
         return b"%s%scontent-length: %d\r\n\r\n%s" % (start, self.header_lines, len(body), body)
 
 
@@ -294,13 +296,15 @@ class EnginePool:
         self._idle: dict[Origin, deque[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
 
-    async def request(self, origin: Origin, method: str, path: str, body: bytes = b"") -> Response:
+    async def request(
+        self, origin: Origin, method: str, path: str, body: bytes = b"", request_id: str | None = None
+    ) -> Response:
         """Send a request; return once the answer's status line and headers are in."""
         await self._slots.acquire()
         conn: _Connection | None = None
         try:
             conn = self._take_idle(origin) or await self._connect(origin)
-            conn.send(origin.request(method, path, body))
+            conn.send(origin.request(method, path, body, request_id))
             while not conn.headers_done:
                 await conn.wait()
         except BaseException:

@@ -177,18 +177,24 @@ class Forwarder:
     async def close(self) -> None:
         await self._pool.close()
 
-    async def post(self, upstream: Upstream, path: str, body: bytes) -> tuple[int, bytes]:
-        """Send a non-streamed call and read the whole answer."""
+    async def post(self, upstream: Upstream, path: str, body: bytes, request_id: str) -> tuple[int, bytes]:
+        """Send a non-streamed call and read the whole answer.
+
+        `request_id` (the call's audit id) goes as `X-Request-Id`, which vLLM
+        takes for its own request id over the body's `request_id`: the engine's request
+        log and the answer's `id` (`chatcmpl-<id>`) name the audit
+        record, and no caller chooses what the engine calls a request.
+        """
         try:
-            response = await self._pool.request(upstream.origin, "POST", path, body)
+            response = await self._pool.request(upstream.origin, "POST", path, body, request_id)
             return response.status, await response.read(self._max_answer_bytes)
         except TransportError as exc:
             raise _translate(exc) from None
 
-    async def open_stream(self, upstream: Upstream, path: str, body: bytes) -> EngineStream:
-        """Send a streamed call; return once the status line and headers are in."""
+    async def open_stream(self, upstream: Upstream, path: str, body: bytes, request_id: str) -> EngineStream:
+        """Send a streamed call (`request_id` as in `post`); return once the status line and headers are in."""
         try:
-            response = await self._pool.request(upstream.origin, "POST", path, body)
+            response = await self._pool.request(upstream.origin, "POST", path, body, request_id)
         except TransportError as exc:
             raise _translate(exc) from None
         return EngineStream(response, self._max_answer_bytes)

@@ -50,6 +50,27 @@ def test_chat_completion_is_answered_and_audited_with_engine_usage(gw: Gateway) 
     assert final["latency_ms"] > 0 and final["ended_at"] >= final["started_at"]
 
 
+def test_the_engine_names_each_call_by_its_audit_id_not_the_caller_s(gw: Gateway) -> None:
+    """vLLM names a request by its `X-Request-Id` header, else by the body's
+    `request_id`: the gateway sends the call's audit id, so the answer's `id`
+    and the engine's log lines name the audit record, whatever the caller put
+    in the body (before, `chatcmpl-<the caller's text>`)."""
+    client = gw.client(gw.create_key())
+    chosen = {"request_id": "chosen-by-caller"}
+    messages = [{"role": "user", "content": "Hello"}]
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=messages, max_tokens=2, extra_body=chosen
+    )
+    assert raw.parse().id == "chatcmpl-" + raw.headers["x-request-id"]
+    with client.chat.completions.with_streaming_response.create(
+        model="tiny", messages=messages, max_tokens=2, stream=True, extra_body=chosen
+    ) as streamed:
+        ids = {chunk.id for chunk in streamed.parse()}
+    assert ids == {"chatcmpl-" + streamed.headers["x-request-id"]}
+    raw = client.completions.with_raw_response.create(model="tiny", prompt="Hi", max_tokens=2, extra_body=chosen)
+    assert raw.parse().id == "cmpl-" + raw.headers["x-request-id"]
+
+
 def test_every_role_openai_takes_reaches_the_engine(gw: Gateway) -> None:
     # The gateway refuses roles outside OpenAI's (tests/test_bad_input.py), not these.
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
