@@ -8,6 +8,7 @@ failures become typed gateway errors: cannot connect → 503, no answer in time 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -49,7 +50,7 @@ class _WithUsage(msgspec.Struct, frozen=True):
 
 class _UpstreamError(msgspec.Struct, frozen=True):
     type: str | None = None
-    message: str | None = None
+    param: str | None = None
 
 
 class _WithError(msgspec.Struct, frozen=True):
@@ -68,15 +69,33 @@ def usage_of(body: bytes) -> Usage | None:
         return None
 
 
+# The field an engine error is about: the first name of its `param`
+# (`body.temperature`, `logit_bias`, `body.messages.0.content` → `messages`).
+# Lower-case letters only: the engine's schema names its fields so, and a
+# caller's key further along (`body.logit_bias.<key>`) is not taken.
+_FIELD = re.compile(r"(?:body\.)?([a-z_]{1,64})(?:$|[.\[])")
+
+
 def error_of(body: bytes) -> tuple[str, str]:
-    """(type, message) of an OpenAI-shaped error body, best effort."""
+    """(type, message) of an OpenAI-shaped engine error, for the audit record.
+
+    The message is the gateway's, naming the field the engine's `param` names.
+    The engine's own message is not kept: it quotes the caller's values
+    (pydantic's `'input': '4111 1111 1111 1111'`, vLLM's `value=[...]`), and
+    the trail holds no request text beyond what the caller's capture mode
+    keeps. It still reaches the caller, in the answer the record hashes.
+    """
     try:
         err = _error_decoder.decode(body).error
     except (msgspec.DecodeError, RecursionError):
         err = None
     if err is None:
         return "engine_error", ""
-    return err.type or "engine_error", (err.message or "")[:500]
+    field = _FIELD.match(err.param or "")
+    about = f" about '{field.group(1)}'" if field else ""
+    return (err.type or "engine_error")[
+        :100
+    ], f"The engine's error{about}; its message is not recorded (it may quote the request)."
 
 
 @dataclass(slots=True)

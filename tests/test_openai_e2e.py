@@ -182,6 +182,23 @@ def test_engine_error_is_relayed_in_openai_shape_and_audited(gw: Gateway) -> Non
     assert final["error_type"].startswith("engine:")
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("temperature", "4111 1111 1111 1111"), ("logit_bias", {"4111 1111 1111 1111": 1})]
+)
+def test_an_engine_error_s_quote_of_the_request_is_not_recorded(gw: Gateway, field: str, value: object) -> None:
+    """vLLM's message for a field it refuses quotes the value (pydantic's
+    `'input': ...`, its own `value=[...]`); it went into the record's
+    error_message, so a card number sent where the gateway reads nothing was
+    kept in plain text by a trail that keeps only hashes of requests."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, field: value}
+    r = gw.post("/v1/chat/completions", key=gw.create_key(), json=body)
+    assert r.status_code == 400 and "4111 1111 1111 1111" in r.json()["error"]["message"], r.text  # the caller's own
+    final = gw.final(r.headers["x-request-id"])
+    assert final["error_type"].startswith("engine:") and "4111" not in final["error_message"]
+    assert f"about '{field}'" in final["error_message"]
+    assert final["response_sha256"] == hashlib.sha256(r.content).hexdigest()
+
+
 def test_readyz_reports_engine_and_audit_store(gw: Gateway) -> None:
     import httpx
 
