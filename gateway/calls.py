@@ -500,6 +500,9 @@ _chunk_decoder = msgspec.json.Decoder(_StreamChunk)
 
 # vLLM's last event of a stream. It is held back until the call's final record is committed.
 _DONE = b"data: [DONE]"
+# How vLLM says a stream failed after its 200 went out (generation failed):
+# `data: {"error": {...}}`, then `[DONE]`.
+_ENGINE_ERROR = b'data: {"error"'
 
 
 def _bad_answer(exc: Exception) -> EngineError:
@@ -563,6 +566,10 @@ async def _relay(
                 if event.startswith(_DONE):
                     closing = event
                     continue
+                if event.startswith(_ENGINE_ERROR):
+                    # Relayed as sent; the record says the call failed, not that it was answered.
+                    engine_type, error_message = error_of(event[6:])
+                    error_type = f"engine:{engine_type}"
                 try:
                     if b'"usage":{' in event and event.startswith(b"data: "):
                         chunk = _chunk_decoder.decode(event[6:])
@@ -574,7 +581,7 @@ async def _relay(
                 except (ValueError, RecursionError) as exc:  # msgspec's DecodeError is a ValueError
                     raise _bad_answer(exc) from None
                 yield sent(event)
-            outcome = "ok"
+            outcome = "ok" if error_type is None else "error"
         except Exception as exc:  # not the client going away: that is a BaseException
             err = as_gateway_error(exc)
             outcome, error_type, error_message = "error", err.audit_reason, err.message

@@ -415,6 +415,8 @@ class SocketDouble:
     mode "garbled": answer 200 with what vLLM never sends: a stream's usage
     event cut off mid-JSON, or (not streamed) a body with reasoning whose
     `choices` is not a list.
+    mode "fails": answer 200 with one SSE event, then what vLLM sends when
+    generation fails after that: an `error` event, then `data: [DONE]`.
     mode "usage": answer 200, streamed or not, with a well-formed completion
     whose `usage` is `self.usage` (say, counts no engine could have: negative,
     or past what an SQL integer holds).
@@ -505,6 +507,17 @@ class SocketDouble:
                         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
                         b"content-length: %d\r\n\r\n%s" % (len(completion), completion)
                     )
+                conn.close()
+            elif self.mode == "fails":
+                events = (
+                    b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a"}}]}'
+                    b'\n\ndata: {"error": {"message": "Internal server error", "type": "InternalServerError", '
+                    b'"param": null, "code": 500}}\n\ndata: [DONE]\n\n'
+                )
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                    b"connection: close\r\n\r\n" + _chunk(events) + _chunk(b"")
+                )
                 conn.close()
             elif self.mode in ("break", "gated"):
                 event = (

@@ -208,6 +208,24 @@ def test_token_counts_no_engine_could_report_are_not_recorded(
         engine.close()
 
 
+def test_a_stream_the_engine_ends_with_an_error_is_recorded_as_an_error(make_gateway: GatewayFactory) -> None:
+    """vLLM reports a generation that fails after the stream's 200 as an
+    `error` event, then `[DONE]`. The record said `ok`: an answered call."""
+    failing = SocketDouble("fails")
+    try:
+        gw = make_gateway(engines=[EngineRef("m", failing.url, "k")])
+        events, request_id = stream(gw, gw.create_key())
+        assert (
+            events[1].startswith(b'data: {"error": {"message": "Internal server error"')
+            and events[2] == b"data: [DONE]"
+        )
+        final = gw.final(request_id)
+        assert (final["outcome"], final["http_status"]) == ("error", 200)
+        assert final["error_type"] == "engine:InternalServerError", final
+    finally:
+        failing.close()
+
+
 def test_engine_json_nested_past_the_parser_s_limit_is_read_as_no_usage() -> None:
     deep = b'{"x": ' + b"[" * 1500 + b"]" * 1500 + b"}"
     assert usage_of(deep) is None and error_of(deep) == ("engine_error", "")
