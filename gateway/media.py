@@ -71,10 +71,11 @@ def _b64(text: str, param: str) -> bytes:
 
 
 def check_image(url: str, limits: MediaLimits, param: str) -> MediaPart:
+    # No refusal here quotes the caller's text (a scheme, a declared type): the
+    # message goes into the audit record, which keeps no request text.
     if not url.startswith("data:"):
-        scheme = url.split(":", 1)[0] if ":" in url else "a relative"
         raise _refuse(
-            f"Images must be sent inline as data: URLs; {scheme} URLs are not fetched.", "media_remote_url", param
+            "Images must be sent inline as data: URLs; other URLs are not fetched.", "media_remote_url", param
         )
     head, sep, payload = url.partition(",")
     declared = head[len("data:") :].removesuffix(";base64").lower()
@@ -82,7 +83,7 @@ def check_image(url: str, limits: MediaLimits, param: str) -> MediaPart:
         raise _refuse("An image data: URL must be base64 (data:image/png;base64,...).", "media_bad_data_url", param)
     if declared not in IMAGE_TYPES:
         raise _refuse(
-            f"Image type {declared or '(none)'} is not accepted; send PNG, JPEG, WebP or GIF.", "media_bad_type", param
+            "The image's declared type is not accepted; send PNG, JPEG, WebP or GIF.", "media_bad_type", param
         )
     data = _b64(payload, param)
     actual = sniff(data)
@@ -130,7 +131,7 @@ _AUDIO_MIME = {"wav": "audio/wav", "mp3": "audio/mpeg"}
 def check_audio(data_b64: str, fmt: str, limits: MediaLimits, param: str) -> MediaPart:
     fmt = fmt.lower()
     if fmt not in _AUDIO_MIME:
-        raise _refuse(f"Audio format {fmt!r} is not accepted; send wav or mp3.", "media_bad_type", param)
+        raise _refuse("The audio's format is not accepted; send wav or mp3.", "media_bad_type", param)
     data = _b64(data_b64, param)
     looks_wav = data[:4] == b"RIFF" and data[8:12] == b"WAVE"
     looks_mp3 = data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)

@@ -113,6 +113,26 @@ def test_bad_audio(reason: str) -> None:
     assert caught.value.audit_reason == reason
 
 
+CARD = "4111 1111 1111 1111"
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        lambda: check_image(f"{CARD}:x", LIMITS, "p"),
+        lambda: check_image(f"data:{CARD};base64,AAAA", LIMITS, "p"),
+        lambda: check_audio("AAAA", CARD, LIMITS, "p"),
+    ],
+)
+def test_a_refusal_does_not_quote_what_the_caller_sent(check: Any) -> None:
+    # The message is answered and kept in the audit record's error_message,
+    # which holds no request text: a card number as a URL scheme, an image's
+    # declared type or an audio format was written into the trail.
+    with pytest.raises(BadRequest) as caught:
+        check()
+    assert "4111" not in caught.value.message
+
+
 # ---------------------------------------------------------------- gateway
 
 
