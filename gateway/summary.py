@@ -258,8 +258,11 @@ _MESSAGE_UNREAD = ("name", "tool_calls", "tool_call_id", "function_call", "reaso
 def _unread_fields(body: ChatBody) -> tuple[str, ...]:
     """JSON paths of the fields with text for the prompt that the gateway does not read."""
     unread = [name for name in ("tools", "functions", "documents", "chat_template") if _carries(getattr(body, name))]
-    # Any template argument but the thinking switch may be rendered into the prompt.
-    unread += [f"chat_template_kwargs.{k}" for k in body.chat_template_kwargs or {} if k != "enable_thinking"]
+    # Any template argument but the thinking switch may be rendered into the
+    # prompt. Named by the field alone: its keys are the caller's text, and the
+    # path is quoted in the refusal and its audit record.
+    if any(k != "enable_thinking" for k in body.chat_template_kwargs or {}):
+        unread.append("chat_template_kwargs")
     for i, m in enumerate(body.messages):
         unread += [f"messages[{i}].{name}" for name in _MESSAGE_UNREAD if _carries(getattr(m, name))]
     return tuple(unread)

@@ -291,7 +291,8 @@ def test_content_rules_refuse_text_they_cannot_read(rules_gw: tuple[Gateway, dic
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
     cases = {
         "tools": chat_body("hi", tools=[tool]),
-        "chat_template_kwargs.note": chat_body("hi", chat_template_kwargs={"note": card}),
+        # Named by the field alone: the key is the caller's text (it was quoted into the record).
+        "chat_template_kwargs": chat_body("hi", chat_template_kwargs={card: card}),
         "messages[1].tool_calls": {"model": "tiny", "messages": turns, "max_tokens": 1},
         "messages[0].name": chat_body("hi") | {"messages": [{"role": "user", "content": "hi", "name": card}]},
     }
