@@ -93,9 +93,8 @@ def error_of(body: bytes) -> tuple[str, str]:
         return "engine_error", ""
     field = _FIELD.match(err.param or "")
     about = f" about '{field.group(1)}'" if field else ""
-    return (err.type or "engine_error")[
-        :100
-    ], f"The engine's error{about}; its message is not recorded (it may quote the request)."
+    message = f"The engine's error{about}; its message is not recorded (it may quote the request)."
+    return (err.type or "engine_error")[:100], message
 
 
 @dataclass(slots=True)
