@@ -470,18 +470,12 @@ class SocketDouble:
             elif self.mode == "garbled":
                 if b'"stream": true' in head or b'"stream":true' in head:
                     conn.sendall(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
-                        b"connection: close\r\n\r\n"
-                        + _chunk(b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":\n\n')
-                        + _chunk(b"data: [DONE]\n\n")
-                        + _chunk(b"")
+                        _whole_stream(
+                            b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":\n\n', b"data: [DONE]\n\n"
+                        )
                     )
                 else:
-                    body = b'{"id":"x","choices":"none","reasoning_content":"thought"}'
-                    conn.sendall(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                        b"content-length: %d\r\n\r\n%s" % (len(body), body)
-                    )
+                    conn.sendall(_whole_json(b'{"id":"x","choices":"none","reasoning_content":"thought"}'))
                 conn.close()
             elif self.mode == "usage":
                 streamed = b'"stream": true' in head or b'"stream":true' in head
@@ -498,15 +492,9 @@ class SocketDouble:
                         + self.usage
                         + b"}\n\ndata: [DONE]\n\n"
                     )
-                    conn.sendall(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
-                        b"connection: close\r\n\r\n" + _chunk(events) + _chunk(b"")
-                    )
+                    conn.sendall(_whole_stream(events))
                 else:
-                    conn.sendall(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                        b"content-length: %d\r\n\r\n%s" % (len(completion), completion)
-                    )
+                    conn.sendall(_whole_json(completion))
                 conn.close()
             elif self.mode == "fails":
                 events = (
@@ -514,10 +502,7 @@ class SocketDouble:
                     b'\n\ndata: {"error": {"message": "Internal server error", "type": "InternalServerError", '
                     b'"param": null, "code": 500}}\n\ndata: [DONE]\n\n'
                 )
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
-                    b"connection: close\r\n\r\n" + _chunk(events) + _chunk(b"")
-                )
+                conn.sendall(_whole_stream(events))
                 conn.close()
             elif self.mode in ("break", "gated"):
                 event = (
@@ -576,6 +561,20 @@ def at_once(processes: int, work: Callable[[], Any]) -> list[Any]:
 def _chunk(data: bytes) -> bytes:
     """One piece of an HTTP/1.1 chunked body (an empty one ends the body)."""
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _whole_stream(*pieces: bytes) -> bytes:
+    """A 200 event stream, each piece one chunk of it, ended; the connection closes after it."""
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    return head + b"".join(_chunk(piece) for piece in pieces) + _chunk(b"")
+
+
+def _whole_json(body: bytes) -> bytes:
+    """A 200 JSON answer; the connection closes after it."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    return head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
 
 
 class TcpProxy:
