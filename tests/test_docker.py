@@ -48,6 +48,28 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ["bastion-gateway:latest", "bastion-engine-cpu:latest", "bastion-postgres:latest", "bastion-base:bookworm"]
 
 
+def run_in(container: Any, argv: list[str], **options: Any) -> tuple[int, str]:
+    """`docker exec` argv in container: its exit status and its output (stdout and stderr).
+
+    docker-py's exec_run can hand back no output, and no exit status, for a
+    command that ends at once (docker/docker-py#2042: the daemon starts the
+    command before the output stream is attached). Every command these tests run
+    prints something, so an empty answer is that race: ask again, and never take
+    a status of None for a failure.
+    """
+    for _ in range(5):
+        found = container.client.api.exec_create(container.id, argv, **options)
+        out = container.client.api.exec_start(found["Id"])
+        for _ in range(100):
+            code = container.client.api.exec_inspect(found["Id"])["ExitCode"]
+            if code is not None:
+                break
+            time.sleep(0.05)
+        if out and code is not None:
+            return code, out.decode(errors="replace")
+    raise AssertionError(f"{argv}: no output and status after 5 tries (status {code})")
+
+
 @pytest.fixture(scope="module")
 def docker_client() -> Any:
     import docker
@@ -138,9 +160,9 @@ class Stack:
         password = (self.base / "state" / "secrets" / "postgres-password").read_text().strip()
         pg = self.container(client, "postgres")
         cmd = ["psql", "-h", "127.0.0.1", "-U", "bastion", "-d", "bastion", "-tAc", sql]
-        code, out = pg.exec_run(cmd, environment={"PGPASSWORD": password}, user="postgres")
-        assert code == 0, out.decode()
-        return out.decode().strip()
+        code, out = run_in(pg, cmd, environment={"PGPASSWORD": password}, user="postgres")
+        assert code == 0, out
+        return out.strip()
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +279,8 @@ def test_engine_container_is_sandboxed(stack: Stack, docker_client: Any) -> None
     key = (stack.base / "state" / "secrets" / "engine-tiny.key").read_text().strip()
     assert key not in json.dumps(engine.attrs)
     # The process runs as the engine user, and cannot write outside the tmpfs.
-    code, out = engine.exec_run(["sh", "-c", "id -u; touch /opt/x 2>&1; touch /tmp/ok && echo tmp-writable"])
-    lines = out.decode().splitlines()
+    code, out = run_in(engine, ["sh", "-c", "id -u; touch /opt/x 2>&1; touch /tmp/ok && echo tmp-writable"])
+    lines = out.splitlines()
     assert lines[0] == str(ENGINE_UID)
     assert "Read-only file system" in lines[1]
     assert lines[-1] == "tmp-writable"
@@ -269,10 +291,10 @@ def test_engine_container_is_sandboxed(stack: Stack, docker_client: Any) -> None
     assert gateway.attrs["HostConfig"]["CapDrop"] == ["ALL"]
     assert {m["Destination"]: m for m in gateway.attrs["Mounts"]}[SOCKET_DIR]["RW"] is False
     # The socket and its folder: the engine's, open to the gateway's group, closed to others.
-    code, out = gateway.exec_run(["stat", "-c", "%u %g %a", SOCKET_DIR, SOCKET_PATH])
-    assert code == 0, out.decode()
+    code, out = run_in(gateway, ["stat", "-c", "%u %g %a", SOCKET_DIR, SOCKET_PATH])
+    assert code == 0, out
     mode = f"{SOCKET_DIR_MODE:o}"
-    assert out.decode().split("\n")[:2] == [f"{ENGINE_UID} {GATEWAY_UID} {mode}", f"{ENGINE_UID} {GATEWAY_UID} 770"]
+    assert out.split("\n")[:2] == [f"{ENGINE_UID} {GATEWAY_UID} {mode}", f"{ENGINE_UID} {GATEWAY_UID} 770"]
 
 
 class HostListener:
@@ -314,8 +336,9 @@ def test_engine_reaches_nothing_not_even_the_gateway(stack: Stack, docker_client
     """The engine has the loopback alone; listeners it must not reach: on another network, on the host, the gateway."""
     engine = stack.container(docker_client, "engine")
     python = "/opt/engine/bin/python"
-    code, out = engine.exec_run(["cat", "/proc/net/dev"])
-    interfaces = [line.split(":")[0].strip() for line in out.decode().splitlines()[2:]]
+    code, out = run_in(engine, ["cat", "/proc/net/dev"])
+    assert code == 0, out
+    interfaces = [line.split(":")[0].strip() for line in out.splitlines()[2:]]
     assert interfaces == ["lo"]
 
     net = docker_client.networks.create(f"{stack.project}-outside", driver="bridge")
@@ -336,8 +359,8 @@ def test_engine_reaches_nothing_not_even_the_gateway(stack: Stack, docker_client
         gateway_address = gateway.attrs["NetworkSettings"]["Networks"][f"{stack.project}_public"]["IPAddress"]
         public_gateway = docker_client.networks.get(f"{stack.project}_public").attrs["IPAM"]["Config"][0]["Gateway"]
         for target, port in ((address, 9999), (public_gateway, host.port), (gateway_address, 8000)):
-            code, out = engine.exec_run([python, "-c", connect_probe(target, port)])
-            assert code != 0 and b"connected" not in out, f"{target}:{port}: {out.decode()}"
+            code, out = run_in(engine, [python, "-c", connect_probe(target, port)])
+            assert code != 0 and "connected" not in out, f"{target}:{port}: {out}"
         assert host.accepted == 0
     finally:
         host.close()
@@ -345,8 +368,8 @@ def test_engine_reaches_nothing_not_even_the_gateway(stack: Stack, docker_client
         net.remove()
 
     # The one way in: the socket, for the gateway's group only.
-    code, out = gateway.exec_run(["python3", "-c", socket_probe(SOCKET_PATH)])
-    assert b"connected" in out, out.decode()
+    code, out = run_in(gateway, ["python3", "-c", socket_probe(SOCKET_PATH)])
+    assert code == 0 and "connected" in out, out
     volume = {f"{stack.project}_engine-socket": {"bind": SOCKET_DIR, "mode": "ro"}}
     for user, expect in ((f"{GATEWAY_UID}:{GATEWAY_UID}", "connected"), ("10003:10003", "Permission denied")):
         out = docker_client.containers.run(
@@ -401,7 +424,9 @@ def test_bastion_engine_up_status_down(docker_client: Any, tiny_model: Path, tmp
         # Both workers are up, and what they say to each other goes over 127.0.0.1.
         logs = engine.logs().decode(errors="replace")
         assert "world_size=2 rank=0" in logs and "world_size=2 rank=1" in logs
-        tcp = engine.exec_run(["cat", "/proc/net/tcp"]).output.decode().splitlines()[1:]
+        code, out = run_in(engine, ["cat", "/proc/net/tcp"])
+        assert code == 0, out
+        tcp = out.splitlines()[1:]
         ends = {end.split(":")[0] for line in tcp for end in line.split()[1:3]}
         assert tcp and ends <= {"0100007F", "00000000"}, tcp  # 127.0.0.1, or a listener's unbound remote
         socket_dir = Path("/run/bastion/engine-tiny")
