@@ -144,7 +144,11 @@ class OidcVerifier:
         config = keyset.config
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in config.algorithms:
-            raise _bad(f"Token algorithm {alg!r} is not accepted.", "algorithm_not_allowed")
+            # The header is the caller's text until the signature is checked: name what is accepted, not what came.
+            accepted = ", ".join(config.algorithms)
+            raise _bad(
+                f"The token's algorithm is not accepted; this issuer signs with {accepted}.", "algorithm_not_allowed"
+            )
         if not isinstance(kid, str):
             raise _bad("The token names no signing key (kid).", "missing_kid")
         if self._session is None:

@@ -222,6 +222,13 @@ def test_every_bad_token_gets_401_and_an_audit_row(
     payload = json.dumps({"iss": issuer.iss, "aud": AUDIENCE, "sub": "x", "exp": now + 60}).encode()
     hs = confused.encode(payload, rsa_public_pem, algorithm="HS256", headers={"kid": "rsa1"})
     refused(gw, models(gw, hs), 401, "algorithm_not_allowed")
+    # The header is the caller's text until the signature holds: the record does not quote it.
+    card = "4111 1111 1111 1111"
+    named = jwt.api_jws.PyJWS()
+    named._algorithms[card] = named._algorithms["none"]  # type: ignore[attr-defined]  # a header alg of any text
+    odd = named.encode(payload, None, algorithm=card, headers={"kid": "rsa1"})
+    final = refused(gw, models(gw, odd), 401, "algorithm_not_allowed")
+    assert card not in json.dumps(final, default=str), final["error_message"]
     # Inside the clock skew (60 s) an expiry just past still counts.
     assert models(gw, issuer.token(exp=now - 30)).status_code == 200
 
