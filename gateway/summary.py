@@ -82,6 +82,10 @@ class Message(msgspec.Struct, frozen=True):
     function_call: msgspec.Raw = _NO_RAW
     reasoning_content: msgspec.Raw = _NO_RAW
     reasoning: msgspec.Raw = _NO_RAW
+    # vLLM passes a developer message's `tools` and any message's `task` (a
+    # marker some templates render) to the chat template too.
+    tools: msgspec.Raw = _NO_RAW
+    task: msgspec.Raw = _NO_RAW
 
 
 class ChatBody(msgspec.Struct, frozen=True):
@@ -115,6 +119,9 @@ class CompletionBody(msgspec.Struct, frozen=True):
     n: Choices | None = None
     # vLLM's prompt as embeddings (with --enable-prompt-embeds): unreadable like token ids.
     prompt_embeds: msgspec.Raw = _NO_RAW
+    # The text after the gap, which vLLM renders into the prompt for a model
+    # that fills in the middle (and refuses for any other).
+    suffix: msgspec.Raw = _NO_RAW
     cache_salt: msgspec.Raw = _NO_RAW
 
 
@@ -212,7 +219,7 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         # each; a flat list of token ids is one prompt.
         batch = sum(1 for p in prompts if not isinstance(p, int)) or 1
         return_reasoning = thinking_fields = False
-        unread = ("prompt_embeds",) if _carries(parsed.prompt_embeds) else ()
+        unread = tuple(name for name in ("prompt_embeds", "suffix") if _carries(getattr(parsed, name)))
     return RequestSummary(
         kind=kind,
         model=parsed.model,
@@ -252,7 +259,16 @@ def _carries(raw: msgspec.Raw) -> bool:
     return bytes(raw) not in (b"", b"null", b"[]", b"{}", b'""')
 
 
-_MESSAGE_UNREAD = ("name", "tool_calls", "tool_call_id", "function_call", "reasoning_content", "reasoning")
+_MESSAGE_UNREAD = (
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "function_call",
+    "reasoning_content",
+    "reasoning",
+    "tools",
+    "task",
+)
 
 
 def _unread_fields(body: ChatBody) -> tuple[str, ...]:

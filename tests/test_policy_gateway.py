@@ -281,8 +281,8 @@ def test_content_rules_deny_redact_and_flag_without_keeping_the_text(
 
 
 def test_content_rules_refuse_text_they_cannot_read(rules_gw: tuple[Gateway, dict[str, str]]) -> None:
-    # Tool definitions, tool calls and chat template arguments reach the chat
-    # template as text, but are not message content: a card number there went
+    # Tool definitions, tool calls, chat template arguments and some message
+    # fields reach the chat template as text, but are not message content: a card number there went
     # past the card rule to the engine.
     gw, keys = rules_gw
     card = "4111 1111 1111 1111"
@@ -295,6 +295,9 @@ def test_content_rules_refuse_text_they_cannot_read(rules_gw: tuple[Gateway, dic
         "chat_template_kwargs": chat_body("hi", chat_template_kwargs={card: card}),
         "messages[1].tool_calls": {"model": "tiny", "messages": turns, "max_tokens": 1},
         "messages[0].name": chat_body("hi") | {"messages": [{"role": "user", "content": "hi", "name": card}]},
+        # vLLM hands a developer message's tools, and any message's task, to the template as well.
+        "messages[0].tools": chat_body("hi") | {"messages": [{"role": "developer", "content": "hi", "tools": [tool]}]},
+        "messages[0].task": chat_body("hi") | {"messages": [{"role": "user", "content": "hi", "task": card}]},
     }
     for param, body in cases.items():
         r = gw.post("/v1/chat/completions", key=keys["open"], json=body)
@@ -303,9 +306,11 @@ def test_content_rules_refuse_text_they_cannot_read(rules_gw: tuple[Gateway, dic
         d = decision(gw, r)
         assert d["rule"] == "teams.open.content[0]" and d["_final"]["error_type"] == "content_denied"
         assert card not in json.dumps(d, default=str)
-    body = {"model": "tiny", "prompt": "hi", "prompt_embeds": "AAAA", "max_tokens": 1}
-    r = gw.post("/v1/completions", key=keys["open"], json=body)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_embeds", r.text
+    for param, value in (("prompt_embeds", "AAAA"), ("suffix", card)):
+        body = {"model": "tiny", "prompt": "hi", param: value, "max_tokens": 1}
+        r = gw.post("/v1/completions", key=keys["open"], json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation", r.text
+        assert r.json()["error"]["param"] == param
     # The thinking switch is the gateway's to read; a team without content rules may send the rest.
     r = gw.post(
         "/v1/chat/completions", key=keys["open"], json=chat_body(chat_template_kwargs={"enable_thinking": False})
