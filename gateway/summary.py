@@ -100,6 +100,9 @@ class ChatBody(msgspec.Struct, frozen=True):
     # Reasoning: top-level (LangChain's extra_body) or vLLM's chat template argument.
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI's effort; vLLM turns thinking on for any but "none" when nothing
+    # sets `enable_thinking` (and validates the value itself).
+    reasoning_effort: str | None = None
     # Bastion's own: send the model's reasoning back (default: keep it from the client).
     return_reasoning: bool | None = None
     tools: msgspec.Raw = _NO_RAW
@@ -206,7 +209,7 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         texts, media = _chat_inputs(parsed.messages)
         token_ids = False
         kwargs = parsed.chat_template_kwargs or {}
-        reasoning = parsed.enable_thinking is True or kwargs.get("enable_thinking") is True
+        reasoning = parsed.enable_thinking is True or kwargs.get("enable_thinking") is True or _effort_thinks(parsed)
         return_reasoning = parsed.return_reasoning is True
         thinking_fields = parsed.enable_thinking is not None or parsed.return_reasoning is not None
         unread = _unread_fields(parsed)
@@ -269,6 +272,15 @@ _MESSAGE_UNREAD = (
     "tools",
     "task",
 )
+
+
+def _effort_thinks(body: ChatBody) -> bool:
+    """Whether `reasoning_effort` turns thinking on: vLLM sets the template's
+    `enable_thinking` from it unless the kwargs it sees (with a top-level
+    `enable_thinking` moved there, see `body_for_engine`) already name it."""
+    if body.reasoning_effort in (None, "none"):
+        return False
+    return body.enable_thinking is None and "enable_thinking" not in (body.chat_template_kwargs or {})
 
 
 def _unread_fields(body: ChatBody) -> tuple[str, ...]:

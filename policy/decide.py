@@ -207,7 +207,7 @@ def _check_kinds(rules: Rules, prompt: Prompt) -> Decision | None:
         return _deny(
             rules.reasoning_rule,
             Denial.FORBIDDEN,
-            "Reasoning (enable_thinking) is not allowed for this key.",
+            'Reasoning (enable_thinking, or a reasoning_effort other than "none") is not allowed for this key.',
             "enable_thinking",
         )
     return None

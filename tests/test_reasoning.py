@@ -133,6 +133,31 @@ def test_reasoning_is_returned_only_when_asked_for_and_allowed(gw: Gateway, stea
     assert chat(gw, plain, enable_thinking=True).status_code == 403
 
 
+def test_reasoning_effort_asks_for_thinking(gw: Gateway) -> None:
+    """vLLM turns the template's thinking on for any `reasoning_effort` but "none"
+    when nothing sets `enable_thinking`: to policy and the record, that is asking."""
+    thinker, plain = gw.create_key(team="thinkers"), gw.create_key(team="plain")
+    base = chat(gw, plain).json()["usage"]["prompt_tokens"]
+
+    r = chat(gw, thinker, reasoning_effort="high")
+    assert r.status_code == 200, r.text
+    # It reached the chat template: "<think>\n" (2 tokens) opens the answer.
+    assert r.json()["usage"]["prompt_tokens"] == base + 2
+    assert json.loads(gw.final(r.headers["x-request-id"])["detail"])["reasoning"]["enabled"] is True
+
+    refused = chat(gw, plain, reasoning_effort="high")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "policy_denied", refused.text
+    assert gw.final(refused.headers["x-request-id"])["error_type"] == "policy_denied"
+    # Not asking: the effort "none", or thinking switched off either way the gateway takes it.
+    for extra in (
+        {"reasoning_effort": "none"},
+        {"reasoning_effort": "high", "enable_thinking": False},
+        {"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}},
+    ):
+        r = chat(gw, plain, **extra)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == base, (extra, r.text)
+
+
 def test_hidden_reasoning_cannot_be_read_back_from_logprobs_or_token_ids(gw: Gateway, steady: dict[str, Any]) -> None:
     """vLLM's logprobs and token ids list every generated token, the thinking's
     too: a team whose policy forbids reasoning read it back from them."""
