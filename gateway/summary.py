@@ -209,6 +209,13 @@ def summarize(kind: Kind, body: bytes) -> RequestSummary:
         texts, media = _chat_inputs(parsed.messages)
         token_ids = False
         kwargs = parsed.chat_template_kwargs or {}
+        if not isinstance(kwargs.get("enable_thinking"), bool | None):
+            # A template tests it as it is (`{% if enable_thinking %}`): "no" or 1 would turn thinking on unseen.
+            raise BadRequest(
+                "'chat_template_kwargs.enable_thinking' must be true, false or null.",
+                param="chat_template_kwargs.enable_thinking",
+                audit_reason="invalid_body",
+            )
         reasoning = parsed.enable_thinking is True or kwargs.get("enable_thinking") is True or _effort_thinks(parsed)
         return_reasoning = parsed.return_reasoning is True
         thinking_fields = parsed.enable_thinking is not None or parsed.return_reasoning is not None

@@ -158,6 +158,18 @@ def test_reasoning_effort_asks_for_thinking(gw: Gateway) -> None:
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == base, (extra, r.text)
 
 
+def test_the_thinking_switch_is_true_or_false(gw: Gateway) -> None:
+    """A chat template tests `enable_thinking` as it is: the string "no" is true
+    to Jinja, and turned thinking on for a key that may not have it."""
+    plain = gw.create_key(team="plain")
+    for value in ("no", 1, [], {"x": 1}):
+        r = chat(gw, plain, chat_template_kwargs={"enable_thinking": value})
+        assert r.status_code == 400, (value, r.text)
+        assert r.json()["error"]["param"] == "chat_template_kwargs.enable_thinking"
+        assert gw.final(r.headers["x-request-id"])["error_type"] == "invalid_body"
+    assert chat(gw, plain, chat_template_kwargs={"enable_thinking": None}).status_code == 200
+
+
 def test_hidden_reasoning_cannot_be_read_back_from_logprobs_or_token_ids(gw: Gateway, steady: dict[str, Any]) -> None:
     """vLLM's logprobs and token ids list every generated token, the thinking's
     too: a team whose policy forbids reasoning read it back from them."""
