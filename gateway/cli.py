@@ -33,6 +33,7 @@ from gateway.cli_policy import STARTER_POLICY, policy_group
 from gateway.cli_record import record_action
 from gateway.clikit import (
     CheckFailed,
+    OnceEachGroup,
     UsageProblem,
     byte_progress,
     config_option,
@@ -54,7 +55,7 @@ DEMO_NAME = "smollm2"
 DEMO_PORT = 8100  # the demo engine's loopback port, when it cannot have a socket
 
 
-@click.group()
+@click.group(cls=OnceEachGroup)
 @click.version_option(package_name="bastion-gateway")
 def main() -> None:
     """Bastion: a secure, audited gateway in front of self-hosted LLMs."""

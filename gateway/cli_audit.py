@@ -29,6 +29,7 @@ from gateway.audit.verify import Report, verify_database
 from gateway.cli_record import record_action, record_ending
 from gateway.clikit import (
     CheckFailed,
+    OnceEachGroup,
     UsageProblem,
     config_option,
     console,
@@ -46,34 +47,29 @@ from gateway.utc import parse_utc
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@click.group("audit")
+@click.group("audit", cls=OnceEachGroup)
 def audit() -> None:
     """The tamper-evident audit trail."""
 
 
 def filter_options(fn: F) -> F:
-    # `multiple=True` only to see an option given twice: click would keep the
-    # last silently, answering for one team of `--team risk --team ops`.
     options = [
-        click.option("--key-id", multiple=True, help="Only this API key's records."),
-        click.option("--team", multiple=True),
-        click.option("--model", multiple=True),
-        click.option("--outcome", type=click.Choice(["ok", "refused", "error", "client_closed"]), multiple=True),
-        click.option("--status", type=int, multiple=True, help="HTTP status."),
-        click.option("--phase", type=click.Choice(["intent", "final", "system"]), multiple=True),
-        click.option("--request-id", multiple=True),
-        click.option("--since", multiple=True, help="ISO 8601 time (inclusive)."),
-        click.option("--until", multiple=True, help="ISO 8601 time (exclusive)."),
+        click.option("--key-id", default=None, help="Only this API key's records."),
+        click.option("--team", default=None),
+        click.option("--model", default=None),
+        click.option("--outcome", type=click.Choice(["ok", "refused", "error", "client_closed"]), default=None),
+        click.option("--status", type=int, default=None, help="HTTP status."),
+        click.option("--phase", type=click.Choice(["intent", "final", "system"]), default=None),
+        click.option("--request-id", default=None),
+        click.option("--since", default=None, help="ISO 8601 time (inclusive)."),
+        click.option("--until", default=None, help="ISO 8601 time (exclusive)."),
     ]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         names = ("key_id", "team", "model", "outcome", "status", "phase", "request_id", "since", "until")
         given = {n: kwargs.pop(n) for n in names}
-        twice = [n for n, values in given.items() if len(values) > 1]
-        if twice:
-            raise UsageProblem(f"--{twice[0].replace('_', '-')} is given more than once; give each at most once.")
-        params = {n: values[0] for n, values in given.items() if values}
+        params = {n: v for n, v in given.items() if v is not None}
         try:
             kwargs["event_filter"] = query.parse_filter(params)
         except query.QueryError as exc:

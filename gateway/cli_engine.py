@@ -27,6 +27,7 @@ from engine.container import (
 from engine.secret_files import hand_over
 from gateway.clikit import (
     CheckFailed,
+    OnceEachGroup,
     UsageProblem,
     config_option,
     echo_json,
@@ -109,7 +110,7 @@ def image_options(fn: F) -> F:
     )(fn)  # fmt: skip
 
 
-@click.group("engine")
+@click.group("engine", cls=OnceEachGroup)
 def engine_group() -> None:
     """The sandboxed engine container, through the Docker SDK (for operators not using compose)."""
 
@@ -167,7 +168,7 @@ def engine_down(config_path: Path, deployment: str | None) -> None:
     click.echo(f"engine {engine.config.name}: {'removed' if removed else 'not running'}")
 
 
-@click.group("compose")
+@click.group("compose", cls=OnceEachGroup)
 def compose_group() -> None:
     """docker compose deployments (docker/compose.yaml)."""
 

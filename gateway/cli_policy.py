@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from gateway.clikit import CheckFailed, echo_json
+from gateway.clikit import CheckFailed, OnceEachGroup, echo_json
 from policy import PolicyError, load_policy
 
 # What `bastion init` writes: one team, deliberately narrow. Deny by default:
@@ -34,7 +34,7 @@ teams:
 """
 
 
-@click.group("policy")
+@click.group("policy", cls=OnceEachGroup)
 def policy_group() -> None:
     """The policy file: who may call which model with what."""
 

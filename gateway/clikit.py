@@ -47,6 +47,37 @@ class UsageProblem(click.ClickException):
     exit_code = 2
 
 
+class OnceEachCommand(click.Command):
+    """A command that refuses an option given twice (exit 2).
+
+    click keeps the last value of a repeated option, silently: `keys create
+    --role user ... --role admin` made an admin key, and `audit export --team
+    risk --team ops` answered for ops alone. An option meant to repeat says so
+    (`multiple=True`, or a counter) and is left alone.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:
+            # The parser only sorts the words into options (no callbacks, no
+            # conversion), so reading them once more here changes nothing.
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            seen: set[str | None] = set()
+            for param in order:
+                if isinstance(param, click.Option) and not (param.multiple or param.count):
+                    if param.name in seen:
+                        names = "/".join(param.opts + param.secondary_opts)
+                        raise click.UsageError(f"{names} is given more than once; give it at most once.", ctx)
+                    seen.add(param.name)
+        return super().parse_args(ctx, args)
+
+
+class OnceEachGroup(click.Group):
+    """A group whose commands and subgroups are `OnceEachCommand`s and `OnceEachGroup`s."""
+
+    command_class = OnceEachCommand
+    group_class = type
+
+
 def config_option(fn: F) -> F:
     @click.option(
         "--config",

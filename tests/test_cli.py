@@ -56,6 +56,10 @@ def test_keys_create_list_revoke_with_json(tmp_path: Path) -> None:
     assert [(k["key_id"], k["role"], k["team"]) for k in listed] == [(created["key_id"], "admin", "ops")]
     assert "key" not in listed[0] and "secret_hash" not in listed[0]
     assert listed[0]["expires_at"] is not None
+    # An option given twice: click kept the last, so this made an admin key.
+    twice = bastion("keys", "create", *cfg, "--name", "x", "--role", "user", "--role", "admin", check=False)
+    assert twice.returncode == 2 and "--role is given more than once" in twice.stderr, twice
+    assert len(json.loads(bastion("keys", "list", *cfg, "--json").stdout)) == 1
     bastion("keys", "revoke", *cfg, created["key_id"])
     assert json.loads(bastion("keys", "list", *cfg, "--json").stdout)[0]["revoked_at"] is not None
     # Revoking again, or an unknown id: the thing checked failed → 1.
@@ -89,6 +93,8 @@ def test_keys_create_list_revoke_with_json(tmp_path: Path) -> None:
         (["keys", "create", "--name", "x", "--team", "risk\x1b[8m"], ""),
         (["keys", "create", "--name", "invoice\u202egpj.exe"], ""),
         (["no-such-command"], ""),
+        (["keys", "list", "--config", "/nonexistent/bastion.toml"], ""),  # --config twice (the test adds one)
+        (["keys", "create", "--name", "x", "--team", "risk", "--team", "ops"], ""),  # a key for one of the two
     ],
 )
 def test_usage_and_config_errors_exit_2(tmp_path: Path, args: list[str], content: str | None) -> None:
