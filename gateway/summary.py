@@ -30,8 +30,18 @@ class StreamOptions(msgspec.Struct, frozen=True):
     include_usage: bool = False
 
 
+# A field held as raw JSON (no Python objects built), only to say it is there:
+# text for the chat template that the gateway does not read (a key with content
+# rules is refused a call carrying any: policy/decide.py), or a media part's uuid.
+_NO_RAW = msgspec.Raw()
+
+
 # Content parts, told apart by their `type`. A part of any other type is
 # refused (400): what the gateway cannot read, policy cannot check.
+#
+# A media part's `uuid` is vLLM's: the engine takes it as the media's identity
+# in its caches in place of a hash of the media, so another caller's media
+# cached under the same uuid would answer for this one. Held raw to refuse it.
 class TextPart(msgspec.Struct, frozen=True, tag="text", tag_field="type"):
     text: str
 
@@ -42,6 +52,7 @@ class URL(msgspec.Struct, frozen=True):
 
 class ImagePart(msgspec.Struct, frozen=True, tag="image_url", tag_field="type"):
     image_url: URL
+    uuid: msgspec.Raw = _NO_RAW
 
 
 class InputAudio(msgspec.Struct, frozen=True):
@@ -51,19 +62,15 @@ class InputAudio(msgspec.Struct, frozen=True):
 
 class AudioPart(msgspec.Struct, frozen=True, tag="input_audio", tag_field="type"):
     input_audio: InputAudio
+    uuid: msgspec.Raw = _NO_RAW
 
 
 class AudioURLPart(msgspec.Struct, frozen=True, tag="audio_url", tag_field="type"):
     audio_url: URL
+    uuid: msgspec.Raw = _NO_RAW
 
 
 Part = TextPart | ImagePart | AudioPart | AudioURLPart
-
-
-# Fields that reach the engine's chat template as text the gateway does not
-# read: held as raw JSON (no Python objects built), only to say they are there.
-# A key with content rules is refused a call carrying any (policy/decide.py).
-_NO_RAW = msgspec.Raw()
 
 
 # The roles OpenAI's API takes. vLLM also takes any other string and the chat
@@ -326,8 +333,17 @@ def _chat_inputs(messages: list[Message]) -> tuple[tuple[str, ...], tuple[tuple[
             for j, part in enumerate(m.content):
                 if isinstance(part, TextPart):
                     texts.append(part.text)
-                else:
-                    media.append((f"messages[{i}].content[{j}]", part))
+                    continue
+                param = f"messages[{i}].content[{j}]"
+                # Any value but null: vLLM takes "" or 0 as an identity too.
+                if bytes(part.uuid) not in (b"", b"null"):
+                    raise BadRequest(
+                        f"'{param}.uuid' is not accepted: the engine would take it as the media's identity "
+                        "in its caches, in place of a hash of the media itself.",
+                        param=f"{param}.uuid",
+                        audit_reason="invalid_body",
+                    )
+                media.append((param, part))
     return tuple(texts), tuple(media)
 
 

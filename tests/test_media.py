@@ -8,6 +8,8 @@ import base64
 import hashlib
 import io
 import json
+import random
+import wave
 from typing import Any
 
 import openai
@@ -17,7 +19,7 @@ from PIL import Image
 from gateway.errors import BadRequest
 from gateway.media import MediaLimits, check_audio, check_image
 from tests.conftest import GatewayFactory
-from tests.support import EngineRef, Gateway, SocketDouble, engine_metric, wav_bytes
+from tests.support import EngineRef, Gateway, SocketDouble, engine_client, engine_metric, wav_bytes
 
 LIMITS = MediaLimits(max_image_pixels=40_000_000, max_audio_seconds=600)
 
@@ -257,6 +259,59 @@ def test_audio_end_to_end_on_a_real_audio_engine(make_gateway: GatewayFactory, a
     chunks = list(raw.parse())
     record = gw.final(raw.headers["x-request-id"])
     assert chunks[-1].usage is not None and record["prompt_tokens"] == chunks[-1].usage.prompt_tokens == tokens[1]
+
+
+def noise_wav(seed: int, seconds: float = 1, rate: int = 16000) -> bytes:
+    """A mono 16-bit WAV clip of random samples: two seeds, two different clips of one length."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(random.Random(seed).randbytes(2 * int(rate * seconds)))
+    return out.getvalue()
+
+
+@pytest.mark.engine
+def test_a_media_uuid_is_refused_as_another_caller_s_media_would_answer_for_it(
+    make_gateway: GatewayFactory, audio_engine: EngineRef
+) -> None:
+    """vLLM takes a media part's `uuid` as the media's identity in its caches, in
+    place of a hash of its bytes: a call with its own clip and a uuid another
+    caller used is answered from that caller's clip. Shown on the engine itself,
+    then refused by the gateway, before anything reaches the engine."""
+
+    def first_token(client: Any, clip: bytes, **uuid: str) -> dict[str, float]:
+        body = {
+            "model": "tiny-audio",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "What is said?"},
+                                                      {**audio_part(clip), **uuid}]}],
+            "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5,
+        }  # fmt: skip
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return {t["token"]: t["logprob"] for t in r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+
+    mine, theirs = noise_wav(1), noise_wav(2)
+    with engine_client(audio_engine.url) as direct:
+        direct.headers["authorization"] = f"Bearer {audio_engine.key}"
+        own = first_token(direct, mine)
+        theirs_heard = first_token(direct, theirs, uuid="shared-id")
+        assert own != theirs_heard, "the two clips must tell apart"
+        assert first_token(direct, mine, uuid="shared-id") == theirs_heard, "vLLM answered from the other clip"
+
+    gw = make_gateway(engines=[audio_engine])
+    key = gw.create_key()
+    before = engine_metric(audio_engine, "vllm:prompt_tokens_total")
+    for value in ("shared-id", "", 0):
+        body = {"model": "tiny-audio", "max_tokens": 1,
+                "messages": [{"role": "user", "content": [{**audio_part(mine), "uuid": value}]}]}  # fmt: skip
+        r = gw.post("/v1/chat/completions", key=key, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].uuid", r.text
+        assert gw.final(r.headers["x-request-id"])["error_type"] == "invalid_body"
+    assert engine_metric(audio_engine, "vllm:prompt_tokens_total") == before, "a call with a uuid reached the engine"
+    body["messages"][0]["content"][0]["uuid"] = None  # null is no uuid, to vLLM too
+    assert gw.post("/v1/chat/completions", key=key, json=body).status_code == 200
 
 
 @pytest.mark.engine
