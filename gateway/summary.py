@@ -39,11 +39,14 @@ _NO_RAW = msgspec.Raw()
 # Content parts, told apart by their `type`. A part of any other type is
 # refused (400): what the gateway cannot read, policy cannot check.
 #
-# A media part's `uuid` is vLLM's: the engine takes it as the media's identity
-# in its caches in place of a hash of the media, so another caller's media
-# cached under the same uuid would answer for this one. Held raw to refuse it.
+# A part's `uuid` is vLLM's, and refused: the engine takes it as the media's
+# identity in its caches in place of a hash of the media (another caller's
+# media cached under the same uuid answers for this one), and reads a part that
+# has one by its other keys, whatever its `type` says (a `text` part with an
+# `input_audio` key is audio to the engine). Held raw, only to see it.
 class TextPart(msgspec.Struct, frozen=True, tag="text", tag_field="type"):
     text: str
+    uuid: msgspec.Raw = _NO_RAW
 
 
 class URL(msgspec.Struct, frozen=True):
@@ -331,19 +334,19 @@ def _chat_inputs(messages: list[Message]) -> tuple[tuple[str, ...], tuple[tuple[
             texts.append(m.content)
         elif m.content:
             for j, part in enumerate(m.content):
-                if isinstance(part, TextPart):
-                    texts.append(part.text)
-                    continue
                 param = f"messages[{i}].content[{j}]"
                 # Any value but null: vLLM takes "" or 0 as an identity too.
                 if bytes(part.uuid) not in (b"", b"null"):
                     raise BadRequest(
                         f"'{param}.uuid' is not accepted: the engine would take it as the media's identity "
-                        "in its caches, in place of a hash of the media itself.",
+                        "in its caches, and read the part by its other keys whatever its type.",
                         param=f"{param}.uuid",
                         audit_reason="invalid_body",
                     )
-                media.append((param, part))
+                if isinstance(part, TextPart):
+                    texts.append(part.text)
+                else:
+                    media.append((param, part))
     return tuple(texts), tuple(media)
 
 

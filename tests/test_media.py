@@ -273,44 +273,52 @@ def noise_wav(seed: int, seconds: float = 1, rate: int = 16000) -> bytes:
 
 
 @pytest.mark.engine
-def test_a_media_uuid_is_refused_as_another_caller_s_media_would_answer_for_it(
+def test_a_part_s_uuid_is_refused_as_the_engine_would_read_the_part_by_it(
     make_gateway: GatewayFactory, audio_engine: EngineRef
 ) -> None:
-    """vLLM takes a media part's `uuid` as the media's identity in its caches, in
-    place of a hash of its bytes: a call with its own clip and a uuid another
-    caller used is answered from that caller's clip. Shown on the engine itself,
-    then refused by the gateway, before anything reaches the engine."""
+    """vLLM takes a part's `uuid` as the media's identity in its caches, in place
+    of a hash of its bytes: a call with its own clip and a uuid another caller
+    used is answered from that caller's clip. And a part with a uuid is read by
+    its other keys, whatever its `type`: a `text` part carrying `input_audio` is
+    audio to the engine, unseen by the media checks and policy. Shown on the
+    engine itself, then refused by the gateway before anything reaches the engine."""
+    question = {"type": "text", "text": "What is said?"}
 
-    def first_token(client: Any, clip: bytes, **uuid: str) -> dict[str, float]:
-        body = {
-            "model": "tiny-audio",
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "What is said?"},
-                                                      {**audio_part(clip), **uuid}]}],
-            "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5,
-        }  # fmt: skip
+    def ask_engine(client: Any, *parts: dict[str, Any]) -> dict[str, Any]:
+        body = {"model": "tiny-audio", "messages": [{"role": "user", "content": list(parts)}],
+                "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5}  # fmt: skip
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
-        return {t["token"]: t["logprob"] for t in r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+        return r.json()  # type: ignore[no-any-return]
+
+    def first_token(client: Any, clip: bytes, **uuid: str) -> dict[str, float]:
+        top = ask_engine(client, question, {**audio_part(clip), **uuid})["choices"][0]["logprobs"]["content"][0]
+        return {t["token"]: t["logprob"] for t in top["top_logprobs"]}
 
     mine, theirs = noise_wav(1), noise_wav(2)
+    disguised = {**question, "uuid": "as-text", "input_audio": audio_part(mine)["input_audio"]}
     with engine_client(audio_engine.url) as direct:
         direct.headers["authorization"] = f"Bearer {audio_engine.key}"
         own = first_token(direct, mine)
         theirs_heard = first_token(direct, theirs, uuid="shared-id")
         assert own != theirs_heard, "the two clips must tell apart"
         assert first_token(direct, mine, uuid="shared-id") == theirs_heard, "vLLM answered from the other clip"
+        # The clip's 25 frames a second reach the prompt from a part typed `text`.
+        text_only = ask_engine(direct, question)["usage"]["prompt_tokens"]
+        assert ask_engine(direct, disguised)["usage"]["prompt_tokens"] > text_only + 20
 
     gw = make_gateway(engines=[audio_engine])
     key = gw.create_key()
     before = engine_metric(audio_engine, "vllm:prompt_tokens_total")
-    for value in ("shared-id", "", 0):
-        body = {"model": "tiny-audio", "max_tokens": 1,
-                "messages": [{"role": "user", "content": [{**audio_part(mine), "uuid": value}]}]}  # fmt: skip
+    parts = [{**audio_part(mine), "uuid": value} for value in ("shared-id", "", 0)] + [disguised]
+    for part in parts:
+        body = {"model": "tiny-audio", "max_tokens": 1, "messages": [{"role": "user", "content": [part]}]}
         r = gw.post("/v1/chat/completions", key=key, json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].uuid", r.text
         assert gw.final(r.headers["x-request-id"])["error_type"] == "invalid_body"
     assert engine_metric(audio_engine, "vllm:prompt_tokens_total") == before, "a call with a uuid reached the engine"
-    body["messages"][0]["content"][0]["uuid"] = None  # null is no uuid, to vLLM too
+    part = {**audio_part(mine), "uuid": None}  # null is no uuid, to vLLM too
+    body = {"model": "tiny-audio", "max_tokens": 1, "messages": [{"role": "user", "content": [part]}]}
     assert gw.post("/v1/chat/completions", key=key, json=body).status_code == 200
 
 
