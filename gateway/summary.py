@@ -32,7 +32,7 @@ class StreamOptions(msgspec.Struct, frozen=True):
 
 # A field held as raw JSON (no Python objects built), only to say it is there:
 # text for the chat template that the gateway does not read (a key with content
-# rules is refused a call carrying any: policy/decide.py), or a media part's uuid.
+# rules is refused a call carrying any: policy/decide.py), or a part's uuid.
 _NO_RAW = msgspec.Raw()
 
 
